@@ -1,0 +1,97 @@
+"""FlowBijector: a `tfb.Bijector` defined by one `*_and_log_det` pair per direction.
+
+Subclasses implement `forward_and_log_det(z)` (sampling, latent -> data) and
+`inverse_and_log_det(x)` (density, data -> latent). This base maps TFP's four hooks onto that
+pair, and remembers the log-det computed alongside the last few outputs so that TFP's separate
+`inverse(x)` and `inverse_log_det_jacobian(x)` calls (as in `TransformedDistribution.log_prob`)
+evaluate each conditioner network once, not twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from typing import Any, Tuple
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfb = tfp.bijectors
+
+__all__ = ['FlowBijector', 'sum_event']
+
+_MEMO_SIZE = 16
+
+
+def sum_event(t: tf.Tensor) -> tf.Tensor:
+  """Sums a `[..., H, W, C]` tensor over its three event dimensions, in float32."""
+  return tf.reduce_sum(tf.cast(t, tf.float32), axis=[-3, -2, -1])
+
+
+class FlowBijector(tfb.Bijector):
+  """Base class: TFP's hooks from the `forward_and_log_det` / `inverse_and_log_det` pair.
+
+  Keyword arguments (such as `training=True` for the batch norms of the coupling networks) pass
+  through TFP's public methods to the pair. The memo holds at most a few entries, keyed by the
+  identity of the input tensors (checked through weak references), like TFP's own cache.
+  """
+
+  def __init__(self, *, parameters, name, **kwargs):
+    self._ldj_memo = collections.OrderedDict()
+    super().__init__(parameters=parameters, name=name, **kwargs)
+
+  # Subclasses implement these two.
+  def forward_and_log_det(self, z: Any, **kwargs) -> Tuple[Any, tf.Tensor]:
+    """Sampling direction: returns `(x, log|det dx/dz|)`, the log-det of shape batch."""
+    raise NotImplementedError
+
+  def inverse_and_log_det(self, x: Any, **kwargs) -> Tuple[Any, tf.Tensor]:
+    """Density direction: returns `(z, log|det dz/dx|)`, the log-det of shape batch."""
+    raise NotImplementedError
+
+  # TFP's contract has no `training` notion: `_parameter_properties` as in RealNVP and Glow.
+  @classmethod
+  def _parameter_properties(cls, dtype=None, num_classes=None):
+    return dict()
+
+  def _memo_key(self, direction, value):
+    leaves = tf.nest.flatten(value)
+    return (direction,) + tuple(id(t) for t in leaves), leaves
+
+  def _memo_put(self, direction, value, ldj):
+    key, leaves = self._memo_key(direction, value)
+    try:
+      refs = tuple(weakref.ref(t) for t in leaves)
+    except TypeError:
+      return
+    self._ldj_memo[key] = (refs, ldj)
+    while len(self._ldj_memo) > _MEMO_SIZE:
+      self._ldj_memo.popitem(last=False)
+
+  def _memo_get(self, direction, value):
+    key, leaves = self._memo_key(direction, value)
+    hit = self._ldj_memo.get(key)
+    if hit is None:
+      return None
+    refs, ldj = hit
+    if all(r() is t for r, t in zip(refs, leaves)):
+      return ldj
+    return None
+
+  def _forward(self, z, **kwargs):
+    x, ldj = self.forward_and_log_det(z, **kwargs)
+    self._memo_put('forward', z, ldj)
+    return x
+
+  def _inverse(self, x, **kwargs):
+    z, ldj = self.inverse_and_log_det(x, **kwargs)
+    self._memo_put('inverse', x, ldj)
+    return z
+
+  def _forward_log_det_jacobian(self, z, **kwargs):
+    ldj = self._memo_get('forward', z)
+    return ldj if ldj is not None else self.forward_and_log_det(z, **kwargs)[1]
+
+  def _inverse_log_det_jacobian(self, x, **kwargs):
+    ldj = self._memo_get('inverse', x)
+    return ldj if ldj is not None else self.inverse_and_log_det(x, **kwargs)[1]

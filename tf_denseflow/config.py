@@ -1,0 +1,251 @@
+"""DenseFlowConfig: every architecture hyper-parameter of DenseFlow, named after the paper.
+
+Grcic, Grubisic, Segvic. Densely connected normalizing flows. NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Tuple
+
+__all__ = ['DenseFlowConfig']
+
+_DEQUANTIZATIONS = ('variational', 'uniform')
+_SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
+_ATTENTION_TOKENS = ('official', 'pixel')
+_COUPLING_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseFlowConfig:
+  """Architecture of a DenseFlow model (defaults: DenseFlow-74-10, the paper's model).
+
+  The model has `len(units_per_block)` dense blocks. Block `b` has `units_per_block[b]` units of
+  `steps_per_unit[b]` Glow steps each; before every unit but the first, `growth_rate` noise
+  channels are appended through a cross-unit coupling. A transition (squeeze, factor out half)
+  follows every block but the last.
+
+  Attributes:
+    image_shape: `(H, W, C)` of the uint8 images; H and W divisible by `2**num_blocks`.
+    num_bits: bits per sub-pixel of the data (8 for uint8 images).
+    units_per_block: units per dense block (paper: 6, 4, 1).
+    steps_per_unit: Glow steps per unit, per block (paper: 5, 6, 20).
+    coupling_channels: width of the coupling networks, per block (paper: 48).
+    growth_rate: noise channels added per unit, the paper's growth rate k (paper: 10).
+    dense_depth: conv layers in each coupling network's dense block (official: 7).
+    dense_growth: channels each dense layer adds (official: 64).
+    attention_landmarks: Nystrom landmarks m (official: 4).
+    use_attention: include the Nystrom self-attention branch of the coupling network.
+    attention_tokens: 'official' reproduces the raw reshape of the NCHW buffer (tokens are not
+      pixels); 'pixel' uses one token per pixel (a different, cleaner model).
+    use_cross_unit_coupling: condition the noise on earlier latents (g_i); False gives
+      unconditional N(0, I) noise (an ablation).
+    cross_unit_include_previous: False (official) feeds g_i with the block input and the outputs
+      of units 0..i-2; True (paper-clean) also feeds the immediately preceding unit's output.
+    squeeze_order: 'channel_major' (official, `c*4 + i*2 + j`) or 'space_to_depth' (TF order).
+    dequantization: 'variational' (the official conditional flow) or 'uniform'.
+    dequant_steps: coupling steps of the variational dequantization flow (official: 4).
+    dequant_context_channels: channels of its context features (official: 64).
+    dequant_mid_channels: width of its coupling networks (official: 64).
+    dequant_depth: dense layers in its coupling networks (official: 4).
+    dequant_growth: growth of those dense layers (official: 64).
+    dequant_context_depth: dense layers in each context-net dense block (official: 4).
+    dequant_context_growth: growth of those dense layers (official: 16).
+    coupling_dtype: compute dtype of the coupling networks ('float32' or 'bfloat16'); the bijector
+      math (affine maps, log-dets, base log-probabilities) always runs in float32.
+    use_recompute_grad: recompute coupling-network activations in the backward pass (gradient
+      checkpointing) to save memory.
+  """
+
+  image_shape: Tuple[int, int, int] = (32, 32, 3)
+  num_bits: int = 8
+  units_per_block: Tuple[int, ...] = (6, 4, 1)
+  steps_per_unit: Tuple[int, ...] = (5, 6, 20)
+  coupling_channels: Tuple[int, ...] = (48, 48, 48)
+  growth_rate: int = 10
+  dense_depth: int = 7
+  dense_growth: int = 64
+  attention_landmarks: int = 4
+  use_attention: bool = True
+  attention_tokens: str = 'official'
+  use_cross_unit_coupling: bool = True
+  cross_unit_include_previous: bool = False
+  squeeze_order: str = 'channel_major'
+  dequantization: str = 'variational'
+  dequant_steps: int = 4
+  dequant_context_channels: int = 64
+  dequant_mid_channels: int = 64
+  dequant_depth: int = 4
+  dequant_growth: int = 64
+  dequant_context_depth: int = 4
+  dequant_context_growth: int = 16
+  coupling_dtype: str = 'float32'
+  use_recompute_grad: bool = False
+
+  def __post_init__(self):
+    # Normalise sequences to tuples of Python ints (frozen: use object.__setattr__).
+    for name in ('image_shape', 'units_per_block', 'steps_per_unit', 'coupling_channels'):
+      value = getattr(self, name)
+      try:
+        value = tuple(int(v) for v in value)
+      except TypeError:
+        raise ValueError(f'`{name}` must be a sequence of ints, got {value!r}.') from None
+      object.__setattr__(self, name, value)
+    if len(self.image_shape) != 3:
+      raise ValueError(f'`image_shape` must be (H, W, C), got {self.image_shape}.')
+    if any(v <= 0 for v in self.image_shape):
+      raise ValueError(f'`image_shape` must be positive, got {self.image_shape}.')
+    n = len(self.units_per_block)
+    if n == 0:
+      raise ValueError('`units_per_block` must name at least one block.')
+    for name in ('steps_per_unit', 'coupling_channels'):
+      if len(getattr(self, name)) != n:
+        raise ValueError(
+          f'`{name}` must have one entry per block ({n}), got {getattr(self, name)}.'
+        )
+    for name in ('units_per_block', 'steps_per_unit', 'coupling_channels'):
+      if any(v <= 0 for v in getattr(self, name)):
+        raise ValueError(f'`{name}` must be positive, got {getattr(self, name)}.')
+    for name in (
+      'num_bits',
+      'dense_depth',
+      'dense_growth',
+      'attention_landmarks',
+      'dequant_steps',
+      'dequant_context_channels',
+      'dequant_mid_channels',
+      'dequant_depth',
+      'dequant_growth',
+      'dequant_context_depth',
+      'dequant_context_growth',
+    ):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f'`{name}` must be positive, got {getattr(self, name)}.')
+    if self.growth_rate < 0:
+      raise ValueError(f'`growth_rate` must be >= 0, got {self.growth_rate}.')
+    if self.growth_rate == 0 and any(u > 1 for u in self.units_per_block):
+      raise ValueError('`growth_rate` must be positive when a block has more than one unit.')
+    h, w, _ = self.image_shape
+    factor = 2**n
+    if h % factor or w % factor:
+      raise ValueError(
+        f'`image_shape` {self.image_shape}: height and width must be divisible by {factor} '
+        f'(one 2x2 squeeze per block, {n} blocks).'
+      )
+    for name, value, choices in (
+      ('dequantization', self.dequantization, _DEQUANTIZATIONS),
+      ('squeeze_order', self.squeeze_order, _SQUEEZE_ORDERS),
+      ('attention_tokens', self.attention_tokens, _ATTENTION_TOKENS),
+      ('coupling_dtype', self.coupling_dtype, _COUPLING_DTYPES),
+    ):
+      if value not in choices:
+        raise ValueError(f'`{name}` must be one of {choices}, got {value!r}.')
+    if self.use_attention:
+      for b in range(n):
+        length = self.block_shape(b)[0] * self.block_shape(b)[1]
+        if length % self.attention_landmarks:
+          raise ValueError(
+            f'`attention_landmarks`={self.attention_landmarks} must divide the attention '
+            f'length {length} of block {b} (spatial size {self.block_shape(b)[:2]}).'
+          )
+    for b, width in enumerate(self.coupling_channels):
+      if self.use_attention and width % 2:
+        raise ValueError(
+          f'`coupling_channels`[{b}]={width} must be even (attention embeds width/2).'
+        )
+
+  # ---------------------------------------------------------------------------------------------
+  # Presets.
+
+  @classmethod
+  def denseflow_74_10(cls, image_shape=(32, 32, 3), **overrides) -> DenseFlowConfig:
+    """The paper's DenseFlow-74-10 (130,647,294 trainable parameters at 32x32 and 64x64)."""
+    return cls(image_shape=tuple(image_shape), **overrides)
+
+  @classmethod
+  def small(cls, image_shape=(32, 32, 3), **overrides) -> DenseFlowConfig:
+    """The benchmark's `small` preset (15,280,056 trainable parameters)."""
+    kwargs = dict(
+      units_per_block=(2, 2, 1),
+      steps_per_unit=(2, 2, 2),
+      coupling_channels=(16, 16, 16),
+      growth_rate=4,
+    )
+    kwargs.update(overrides)
+    return cls(image_shape=tuple(image_shape), **kwargs)
+
+  @classmethod
+  def tiny(cls, image_shape=(16, 16, 3), **overrides) -> DenseFlowConfig:
+    """The golden reference's tiny model (75,532 parameters at 16x16x3) for tests."""
+    kwargs = dict(
+      units_per_block=(2, 2, 1),
+      steps_per_unit=(1, 1, 2),
+      coupling_channels=(8, 8, 8),
+      growth_rate=2,
+      dense_depth=2,
+      dense_growth=8,
+      dequant_steps=2,
+      dequant_context_channels=8,
+      dequant_mid_channels=8,
+      dequant_depth=2,
+      dequant_growth=8,
+      dequant_context_depth=2,
+      dequant_context_growth=8,
+    )
+    kwargs.update(overrides)
+    return cls(image_shape=tuple(image_shape), **kwargs)
+
+  # ---------------------------------------------------------------------------------------------
+  # Derived shapes (Python ints only: numpy ints break tracing with an unknown batch size).
+
+  @property
+  def num_blocks(self) -> int:
+    """Number of dense blocks."""
+    return len(self.units_per_block)
+
+  @property
+  def num_dims(self) -> int:
+    """D = H * W * C, the data dimensions that bits/dim is normalised by."""
+    h, w, c = self.image_shape
+    return h * w * c
+
+  def block_shape(self, block: int) -> Tuple[int, int, int]:
+    """`(H, W, C)` of the input of dense block `block`."""
+    h, w, c = self.image_shape
+    h, w, c = h // 2, w // 2, 4 * c
+    for b in range(block):
+      c = self.block_output_channels(b, c) * 2  # squeeze (x4), keep half
+      h, w = h // 2, w // 2
+    return h, w, c
+
+  def block_output_channels(self, block: int, in_channels: int | None = None) -> int:
+    """Channels at the output of dense block `block`."""
+    if in_channels is None:
+      in_channels = self.block_shape(block)[2]
+    return in_channels + (self.units_per_block[block] - 1) * self.growth_rate
+
+  def noise_shapes(self) -> list:
+    """Event shapes of the augmentation noise, in order (block by block, unit 1 upwards)."""
+    shapes = []
+    for b in range(self.num_blocks):
+      h, w, _ = self.block_shape(b)
+      shapes += [(h, w, self.growth_rate)] * (self.units_per_block[b] - 1)
+    return shapes
+
+  def latent_shapes(self) -> list:
+    """Event shapes of the latents: the factored-out halves, then the final latent."""
+    shapes = []
+    for b in range(self.num_blocks):
+      h, w, c = self.block_shape(b)
+      c_out = self.block_output_channels(b, c)
+      if b < self.num_blocks - 1:
+        shapes.append((h // 2, w // 2, 2 * c_out))
+      else:
+        shapes.append((h, w, c_out))
+    return shapes
+
+  @property
+  def bits_per_dim_scale(self) -> float:
+    """Multiply a negative log-likelihood in nats by this to get bits/dim."""
+    return 1.0 / (self.num_dims * math.log(2.0))

@@ -1,0 +1,319 @@
+"""DenseFlow: the model, its joint distribution over (data, noise) and its likelihood bounds.
+
+Grcic, Grubisic, Segvic. Densely connected normalizing flows. NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_denseflow.bijectors.flow_bijector import sum_event
+from tf_denseflow.config import DenseFlowConfig
+from tf_denseflow.dequantization import UniformDequantization, VariationalDequantization
+from tf_denseflow.flow import DenseFlowBijector
+from tf_denseflow.nn.layers import Seeds
+
+tfd = tfp.distributions
+
+__all__ = ['DenseFlow']
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _std_normal_log_prob(t: tf.Tensor) -> tf.Tensor:
+  return sum_event(-0.5 * tf.square(t) - _HALF_LOG_2PI)
+
+
+def _check_images(images, image_shape) -> tf.Tensor:
+  """Converts to a uint8-valued float32 tensor, raising a clear error on a wrong shape/dtype."""
+  images = tf.convert_to_tensor(images)
+  if images.dtype not in (tf.uint8, tf.int32, tf.int64, tf.float32, tf.float64):
+    raise TypeError(f'`images` must be uint8 (or integer-valued), got dtype {images.dtype.name}.')
+  if images.shape.rank is not None and (
+    images.shape.rank != 4 or not images.shape[1:].is_compatible_with(image_shape)
+  ):
+    raise ValueError(
+      f'`images` must have shape [batch, {", ".join(map(str, image_shape))}], got {images.shape}.'
+    )
+  return tf.cast(images, tf.float32)
+
+
+class DenseFlow(tf.Module):
+  """DenseFlow: a normalizing flow over images, widened by noise (incremental augmentation).
+
+  The flow is an exact bijection between latents and `[x, noise_1..noise_K]`, where `x` is the
+  dequantized image in `[0, 1]` and `noise_k ~ N(0, I)` the augmentation noise. For uint8 images
+  (D = H*W*C, b = num_bits):
+  ```
+  log P(images) >= E_{u, noise}[ log p(x, noise) - log N(noise; 0, I) - log q(u|images) ] - D b ln 2
+  x = (images + u) / 2**b
+  ```
+  `elbo` draws one `(u, noise)`, `log_prob_bound` takes the log-mean-exp of `num_samples` draws
+  (the importance-weighted bound, IWBO).
+
+  Attributes:
+    config: the architecture.
+    bijector: the flow as one `tfb.Bijector`, forward = latents -> `[x, noise...]`.
+    dequantizer: `VariationalDequantization` or `UniformDequantization`.
+  """
+
+  def __init__(self, config: DenseFlowConfig, seed: int = 0, name: str = 'denseflow'):
+    super().__init__(name=name)
+    if not isinstance(config, DenseFlowConfig):
+      raise TypeError(f'`config` must be a DenseFlowConfig, got {type(config).__name__}.')
+    self.config = config
+    seeds = Seeds(seed)
+    with self.name_scope:
+      self.bijector = DenseFlowBijector(config, seeds=seeds)
+      if config.dequantization == 'variational':
+        self.dequantizer = VariationalDequantization(
+          config.image_shape,
+          num_steps=config.dequant_steps,
+          context_channels=config.dequant_context_channels,
+          mid_channels=config.dequant_mid_channels,
+          depth=config.dequant_depth,
+          growth=config.dequant_growth,
+          context_depth=config.dequant_context_depth,
+          context_growth=config.dequant_context_growth,
+          squeeze_order=config.squeeze_order,
+          seeds=seeds,
+        )
+      else:
+        self.dequantizer = UniformDequantization(config.image_shape)
+
+  # ---------------------------------------------------------------------------------------------
+  # Distributions.
+
+  @property
+  def base_distribution(self) -> tfd.Distribution:
+    """Standard normal over every latent (a `JointDistributionSequential`)."""
+    return tfd.JointDistributionSequential(
+      [
+        tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=list(shape))
+        for shape in self.config.latent_shapes()
+      ]
+    )
+
+  @property
+  def joint_distribution(self) -> tfd.Distribution:
+    """p(x, noise_1..noise_K): `TransformedDistribution(base, bijector)`; its event is a list."""
+    return tfd.TransformedDistribution(self.base_distribution, self.bijector)
+
+  @property
+  def noise_distribution(self) -> tfd.Distribution:
+    """The augmentation noise's N(0, I), one part per injection."""
+    return tfd.JointDistributionSequential(
+      [tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=list(s)) for s in self.config.noise_shapes()]
+    )
+
+  # ---------------------------------------------------------------------------------------------
+  # Variables and initialisation.
+
+  @property
+  def trainable_variables(self) -> List[tf.Variable]:
+    """Every trainable variable: tf.Variables and those of the Keras 3 networks.
+
+    `tf.Module` does not see Keras 3 variables (tensorflow/tensorflow#84019), so they are
+    collected explicitly from every Keras layer in the module tree, in a deterministic order.
+    """
+    found, seen = [], set()
+    for v in super().trainable_variables:
+      if id(v) not in seen:
+        seen.add(id(v))
+        found.append(v)
+    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
+    for layer in layers:
+      for v in layer.trainable_variables:
+        if id(v) not in seen:
+          seen.add(id(v))
+          found.append(v)
+    return found
+
+  @property
+  def non_trainable_keras_variables(self) -> list:
+    """Batch-norm running statistics."""
+    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
+    out, seen = [], set()
+    for layer in layers:
+      for v in layer.non_trainable_variables:
+        if id(v) not in seen:
+          seen.add(id(v))
+          out.append(v)
+    return out
+
+  def num_parameters(self) -> int:
+    """Number of trainable parameters."""
+    return int(sum(v.shape.num_elements() for v in self.trainable_variables))
+
+  @property
+  def is_initialized(self) -> bool:
+    """Whether every ActNorm has been initialised (from data or a checkpoint)."""
+    return all(bool(step.act_norm.initialized.numpy()) for step in self.bijector.steps)
+
+  def initialize(self, images, seed=(0, 0)) -> None:
+    """Data-dependent ActNorm initialisation from a uint8 batch; a no-op once initialised.
+
+    Runs the density pass in training mode (batch statistics, as the official first training
+    step) and initialises each ActNorm from the activations it receives. Call it once, in
+    cross-replica context (e.g. inside `strategy.scope()`, outside `strategy.run`).
+    """
+    if self.is_initialized:
+      return
+    images = _check_images(images, self.config.image_shape)
+    self._log_likelihood(images, tf.constant(seed, tf.int64), training=True, data_init=True)
+
+  # ---------------------------------------------------------------------------------------------
+  # Likelihood.
+
+  def _draw_noise(self, batch, seed) -> List[tf.Tensor]:
+    seeds = tf.random.experimental.stateless_split(seed, max(1, len(self.config.noise_shapes())))
+    return [
+      tf.random.stateless_normal(tf.concat([[batch], shape], 0), seed=seeds[k])
+      for k, shape in enumerate(self.config.noise_shapes())
+    ]
+
+  def log_likelihood_terms(
+    self,
+    images,
+    seed=None,
+    training: bool = False,
+    dequant_noise: Optional[tf.Tensor] = None,
+    noise: Optional[Sequence[tf.Tensor]] = None,
+    data_init: bool = False,
+  ) -> Dict[str, tf.Tensor]:
+    """The single-sample bound split into its terms, each `[B]` nats.
+
+    Args:
+      images: uint8 `[B, H, W, C]`.
+      seed: stateless seed `[2]` (int) for the dequantization and augmentation noise.
+      training: batch-norm mode of the coupling networks.
+      dequant_noise: optional dequantizer noise to replay instead of drawing (parity tests).
+      noise: optional augmentation noise list (N(0, I) draws) to replay instead of drawing.
+      data_init: initialise every ActNorm from this pass (see `initialize`).
+
+    Returns:
+      A dict with `dequantization` (`-D b ln 2 - log q(u|x)`), `block{b}` (the block's Glow steps
+      and `sum(log_sigma)` of its cross-unit couplings), `noise_block{b}` (`-log N(noise; 0, I)`
+      of the block's noise), `transition{b}` (`log N(z_out; 0, I)`), `base` (`log N(z_B; loc,
+      scale)`), and `total`, their sum: the single-sample ELBO.
+    """
+    images = _check_images(images, self.config.image_shape)
+    if seed is None:
+      seed = tf.constant([0, 0], tf.int64)
+    seed = tf.cast(seed, tf.int64)
+    seed_u, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    batch = tf.shape(images)[0]
+    u, log_q = self.dequantizer.sample_and_log_prob(
+      images, seed=seed_u, noise=dequant_noise, training=training
+    )
+    levels = float(2**self.config.num_bits)
+    x = (images + u) / levels
+    if noise is None:
+      noise = self._draw_noise(batch, seed_noise)
+    noise = [tf.convert_to_tensor(n, tf.float32) for n in noise]
+    latents, flow_terms = self.bijector.inverse_with_terms(
+      [x] + noise, training=training, data_init=data_init
+    )
+    terms = {'dequantization': -self.config.num_dims * math.log(levels) - log_q}
+    k = 0
+    for b in range(self.config.num_blocks):
+      terms[f'block{b}'] = flow_terms[f'block{b}']
+      n = self.config.units_per_block[b] - 1
+      terms[f'noise_block{b}'] = -tf.add_n(
+        [_std_normal_log_prob(e) for e in noise[k : k + n]] + [tf.zeros([batch])]
+      )
+      k += n
+      if b < self.config.num_blocks - 1:
+        terms[f'transition{b}'] = _std_normal_log_prob(latents[b])
+    terms['base'] = flow_terms['base'] + _std_normal_log_prob(latents[-1])
+    terms['total'] = tf.add_n(list(terms.values()))
+    return terms
+
+  def _log_likelihood(self, images, seed, training=False, data_init=False):
+    return self.log_likelihood_terms(images, seed, training=training, data_init=data_init)['total']
+
+  def elbo(self, images, seed=None, training: bool = False) -> tf.Tensor:
+    """Single-sample lower bound of log P(images) in nats, `[B]`.
+
+    Args:
+      images: uint8 `[B, H, W, C]`.
+      seed: stateless seed `[2]`; the dequantization and augmentation noise derive from it.
+      training: use batch statistics in the coupling networks' batch norms (and update the
+        running statistics), as during training.
+    """
+    return self._log_likelihood(images, seed, training=training)
+
+  def log_prob_bound(
+    self, images, num_samples: int = 1, seed=None, chunk_size: int = 16
+  ) -> tf.Tensor:
+    """Importance-weighted bound (IWBO) of log P(images) in nats, `[B]`.
+
+    ```
+    log P(x) >= log (1/k) sum_j exp(elbo_j(x)),   k = num_samples independent (u, noise) draws
+    ```
+    Evaluated `chunk_size` draws at a time (the batch is tiled `chunk_size` times), with a
+    running log-sum-exp, to bound memory. Never below the mean single-sample ELBO (Jensen).
+    """
+    images = _check_images(images, self.config.image_shape)
+    if isinstance(num_samples, int) and num_samples <= 0:
+      raise ValueError(f'`num_samples` must be positive, got {num_samples}.')
+    seed = tf.constant([0, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+    num_samples = tf.cast(num_samples, tf.int32)
+    chunk = tf.minimum(num_samples, chunk_size)
+    batch = tf.shape(images)[0]
+    num_chunks = (num_samples + chunk - 1) // chunk
+
+    def body(i, acc):
+      tiled = tf.tile(images, [chunk, 1, 1, 1])
+      lls = tf.reshape(
+        self._log_likelihood(tiled, tf.random.experimental.stateless_fold_in(seed, i)),
+        [chunk, batch],
+      )
+      # The last chunk may overshoot num_samples: mask the surplus draws out.
+      valid = tf.range(chunk) + i * chunk < num_samples
+      lls = tf.where(valid[:, None], lls, -math.inf)
+      return i + 1, tf.reduce_logsumexp(tf.concat([acc[None], lls], 0), axis=0)
+
+    acc0 = tf.fill([batch], -math.inf)
+    _, acc = tf.while_loop(
+      lambda i, _: i < num_chunks, body, (tf.constant(0), acc0), maximum_iterations=None
+    )
+    return acc - tf.math.log(tf.cast(num_samples, tf.float32))
+
+  def bits_per_dim(self, images, num_samples: int = 1, seed=None) -> tf.Tensor:
+    """`-bound / (D ln 2)`, `[B]`; the ELBO for `num_samples=1`, else the IWBO."""
+    if isinstance(num_samples, int) and num_samples == 1:
+      bound = self.elbo(images, seed)
+    else:
+      bound = self.log_prob_bound(images, num_samples, seed)
+    return -bound * self.config.bits_per_dim_scale
+
+  # ---------------------------------------------------------------------------------------------
+  # Sampling.
+
+  def sample_latents(self, num, seed, temperature=1.0) -> List[tf.Tensor]:
+    """`temperature * N(0, I)` latents for `num` samples (stateless, from `seed`)."""
+    shapes = self.config.latent_shapes()
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(shapes))
+    temperature = tf.cast(temperature, tf.float32)
+    return [
+      temperature * tf.random.stateless_normal(tf.concat([[num], s], 0), seed=seeds[k])
+      for k, s in enumerate(shapes)
+    ]
+
+  def decode(self, latents: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Latents -> uint8 images: the flow's sampling path, then `floor(2**b * x)` clipped."""
+    x = self.bijector.sample_data(latents)
+    levels = float(2**self.config.num_bits)
+    return tf.cast(tf.clip_by_value(tf.floor(x * levels), 0.0, levels - 1.0), tf.uint8)
+
+  def sample(self, num: int, seed=(0, 0), temperature: float = 1.0) -> tf.Tensor:
+    """`num` uint8 samples `[num, H, W, C]`; temperature scales the std of every latent."""
+    if isinstance(num, int) and num < 0:
+      raise ValueError(f'`num` must be >= 0, got {num}.')
+    return self.decode(self.sample_latents(num, seed, temperature))

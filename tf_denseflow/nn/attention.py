@@ -1,0 +1,98 @@
+"""Nystrom self-attention exactly as in the official DenseFlow coupling network.
+
+Xiong et al. Nystromformer: a Nystrom-based algorithm for approximating self-attention. AAAI 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import tensorflow as tf
+
+from tf_denseflow.nn.layers import Conv, Layer, Seeds
+
+__all__ = ['NystromAttention', 'nystrom_attention', 'iterative_pinv']
+
+
+def iterative_pinv(k: tf.Tensor, num_iterations: int = 6) -> tf.Tensor:
+  """Moore-Penrose pseudo-inverse of each `[m, m]` matrix by the Nystromformer iteration.
+
+  ```
+  V0 = K^T / (max_col_sum(|K|) * max_row_sum(|K|))        # per matrix
+  V <- 0.25 * V @ (13 I - KV @ (15 I - KV @ (7 I - KV))),   KV = K @ V
+  ```
+  """
+  abs_k = tf.abs(k)
+  col = tf.reduce_max(tf.reduce_sum(abs_k, axis=-2), axis=-1)
+  row = tf.reduce_max(tf.reduce_sum(abs_k, axis=-1), axis=-1)
+  v = tf.linalg.matrix_transpose(k) / (col * row)[..., None, None]
+  eye = tf.eye(k.shape[-1], dtype=k.dtype)
+  for _ in range(num_iterations):
+    kv = tf.matmul(k, v)
+    v = 0.25 * tf.matmul(v, 13.0 * eye - tf.matmul(kv, 15.0 * eye - tf.matmul(kv, 7.0 * eye - kv)))
+  return v
+
+
+def nystrom_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_landmarks: int) -> tf.Tensor:
+  """DenseFlow's single-head Nystrom attention on `[N, L, E]` tokens; returns `[N, L, E]`.
+
+  ```
+  Qm, Km = segment means of Q, K over L/m contiguous tokens, divided by sqrt(L)
+  A1 = softmax(Q Km^T, axis=-2);  A2 = softmax(Qm Km^T, axis=-2);  A3 = softmax(Qm K^T, axis=-2)
+  out = (A1 pinv(A2)) (A3 V) + V
+  ```
+  The softmaxes normalise over axis -2 and Q, K are not scaled by the head dimension: both are
+  the official code's choices (they differ from Nystromformer).
+  """
+  length, embed = q.shape[-2], q.shape[-1]
+  m = num_landmarks
+  scale = 1.0 / math.sqrt(length)
+  qm = tf.reduce_mean(tf.reshape(q, [-1, m, length // m, embed]), axis=2) * scale
+  km = tf.reduce_mean(tf.reshape(k, [-1, m, length // m, embed]), axis=2) * scale
+  a1 = tf.nn.softmax(tf.matmul(q, km, transpose_b=True), axis=-2)
+  a2 = tf.nn.softmax(tf.matmul(qm, km, transpose_b=True), axis=-2)
+  a3 = tf.nn.softmax(tf.matmul(qm, k, transpose_b=True), axis=-2)
+  return tf.matmul(tf.matmul(a1, iterative_pinv(a2)), tf.matmul(a3, v)) + v
+
+
+class NystromAttention(Layer):
+  """1x1 qkv projection, Nystrom attention, 1x1 output projection (`channels -> channels`).
+
+  `tokens='official'` reproduces the official raw reshape of the NCHW qkv buffer into
+  `[N, H*W, 3E]` (token t, feature j reads channel `(t*3E + j) // (H*W)`); `tokens='pixel'` uses
+  one token per pixel. The attention itself runs in float32.
+  """
+
+  def __init__(
+    self,
+    channels: int,
+    num_landmarks: int = 4,
+    tokens: str = 'official',
+    compute_dtype: str = 'float32',
+    seeds: Optional[Seeds] = None,
+    name: Optional[str] = None,
+  ):
+    super().__init__(name=name)
+    self.embed = channels // 2
+    self.num_landmarks = num_landmarks
+    self.tokens = tokens
+    self.qkv = Conv(channels, 3 * self.embed, 1, compute_dtype=compute_dtype, seeds=seeds)
+    self.out = Conv(self.embed, channels, 1, compute_dtype=compute_dtype, seeds=seeds)
+    self.built = True
+
+  def call(self, x):
+    height, width = x.shape[1], x.shape[2]
+    length, e = height * width, self.embed
+    qkv = tf.cast(self.qkv(x), tf.float32)  # [N, H, W, 3E]
+    if self.tokens == 'official':
+      tokens = tf.reshape(tf.transpose(qkv, [0, 3, 1, 2]), [-1, length, 3 * e])
+    else:
+      tokens = tf.reshape(qkv, [-1, length, 3 * e])
+    q, k, v = tf.split(tokens, 3, axis=-1)
+    o = nystrom_attention(q, k, v, self.num_landmarks)  # [N, L, E]
+    if self.tokens == 'official':
+      o = tf.transpose(tf.reshape(o, [-1, e, height, width]), [0, 2, 3, 1])
+    else:
+      o = tf.reshape(o, [-1, height, width, e])
+    return self.out(o)

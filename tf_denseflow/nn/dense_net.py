@@ -1,0 +1,83 @@
+"""Dense block of conv layers with a gated 1x1 output, as in DenseFlow's coupling networks.
+
+Huang et al. Densely connected convolutional networks. CVPR 2017 (the DenseNet connectivity).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from tf_denseflow.nn.layers import Conv, Layer, Seeds
+
+__all__ = ['DenseLayer', 'GatedConv', 'DenseConvBlock']
+
+
+class DenseLayer(Layer):
+  """`concat[x, relu(conv3x3(relu(conv1x1(x))))]`: adds `growth` channels (c -> c + growth)."""
+
+  def __init__(self, channels, growth, compute_dtype='float32', seeds=None, name=None):
+    super().__init__(name=name)
+    self.conv_in = Conv(channels, channels, 1, compute_dtype=compute_dtype, seeds=seeds)
+    self.conv_out = Conv(channels, growth, 3, compute_dtype=compute_dtype, seeds=seeds)
+    self.built = True
+
+  def call(self, x):
+    h = tf.nn.relu(self.conv_out(tf.nn.relu(self.conv_in(x))))
+    return tf.concat([tf.cast(x, h.dtype), h], axis=-1)
+
+
+class GatedConv(Layer):
+  """Gated 1x1 conv: `a + b * sigmoid(c)` with `[a, b, c]` the three channel thirds.
+
+  Note: this is DenseFlow's gate, not the GLU `a * sigmoid(b)`.
+  """
+
+  def __init__(self, in_channels, out_channels, compute_dtype='float32', seeds=None, name=None):
+    super().__init__(name=name)
+    self.conv = Conv(in_channels, 3 * out_channels, 1, compute_dtype=compute_dtype, seeds=seeds)
+    self.built = True
+
+  def call(self, x):
+    a, b, c = tf.split(self.conv(x), 3, axis=-1)
+    return a + b * tf.sigmoid(c)
+
+
+class DenseConvBlock(Layer):
+  """`depth` dense layers (growth `growth`) then a gated 1x1 conv to `out_channels`.
+
+  With `residual=True` the block returns `x + block(x)` (used by the dequantization flow).
+  """
+
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    depth: int,
+    growth: int,
+    residual: bool = False,
+    compute_dtype: str = 'float32',
+    seeds: Optional[Seeds] = None,
+    name: Optional[str] = None,
+  ):
+    super().__init__(name=name)
+    if residual and in_channels != out_channels:
+      raise ValueError('A residual dense block needs `in_channels == out_channels`.')
+    self.residual = residual
+    self.dense_layers = []
+    channels = in_channels
+    for _ in range(depth):
+      self.dense_layers.append(DenseLayer(channels, growth, compute_dtype, seeds))
+      channels += growth
+    self.gate = GatedConv(channels, out_channels, compute_dtype, seeds)
+    self.built = True
+
+  def call(self, x):
+    h = x
+    for layer in self.dense_layers:
+      h = layer(h)
+    h = self.gate(h)
+    if self.residual:
+      h = tf.cast(x, h.dtype) + h
+    return h
