@@ -1,0 +1,529 @@
+"""Tests for tf_denseflow.data.
+
+The TFDS loaders run for real (`download=False`) on tiny datasets written under the real TFDS
+names and versions with `tfds.dataset_builders.store_as_tfds_dataset`; nothing is mocked.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl.testing import parameterized
+from PIL import Image
+
+from tf_denseflow import data
+
+_NUM_CIFAR_TRAIN = 12
+_NUM_CIFAR_TEST = 5
+_FIXTURES = {}
+
+
+def _random_images(count, height, width, seed):
+  return np.random.default_rng(seed).integers(0, 256, [count, height, width, 3], dtype=np.uint8)
+
+
+def _smooth_images(count, height, width, seed):
+  """Low-frequency images, so JPEG round trips stay close."""
+  small = _random_images(count, height // 8, width // 8, seed)
+  return np.stack(
+    [np.asarray(Image.fromarray(x).resize((width, height), Image.BILINEAR)) for x in small]
+  )
+
+
+def _store(name, version, split_examples, data_dir, config=None):
+  features = tfds.builder(f'{name}/{config}' if config else name).info.features
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name=name,
+    version=version,
+    config=config,
+    features=features,
+    split_datasets={split: list(enumerate(examples)) for split, examples in split_examples.items()},
+    data_dir=data_dir,
+  )
+
+
+def _celeb_a_example(image):
+  info = tfds.builder('celeb_a').info.features
+  return {
+    'image': image,
+    'landmarks': {key: 0 for key in info['landmarks'].keys()},
+    'attributes': {key: False for key in info['attributes'].keys()},
+    'identity': {'Identity_No': 1},
+  }
+
+
+def _tfds_fixture():
+  """A data_dir with tiny cifar10, imagenet_resized/{32x32,64x64} and celeb_a (built once)."""
+  if 'tfds' not in _FIXTURES:
+    data_dir = tempfile.mkdtemp(prefix='data_test_tfds_')
+    train = _random_images(_NUM_CIFAR_TRAIN, 32, 32, seed=1)
+    test = _random_images(_NUM_CIFAR_TEST, 32, 32, seed=2)
+    _store(
+      'cifar10',
+      '3.0.2',
+      {
+        'train': [{'image': x, 'label': i % 10, 'id': f'train_{i}'} for i, x in enumerate(train)],
+        'test': [{'image': x, 'label': i % 10, 'id': f'test_{i}'} for i, x in enumerate(test)],
+      },
+      data_dir,
+    )
+    for side, counts in ((32, (6, 4)), (64, (4, 3))):
+      images = _random_images(sum(counts), side, side, seed=side)
+      _store(
+        'imagenet_resized',
+        '0.1.0',
+        {
+          'train': [{'image': x, 'label': 1} for x in images[: counts[0]]],
+          'validation': [{'image': x, 'label': 2} for x in images[counts[0] :]],
+        },
+        data_dir,
+        config=f'{side}x{side}',
+      )
+    faces = _smooth_images(6, 218, 178, seed=3)
+    _store(
+      'celeb_a',
+      '2.1.0',
+      {
+        'train': [_celeb_a_example(x) for x in faces[:3]],
+        'validation': [_celeb_a_example(faces[3])],
+        'test': [_celeb_a_example(x) for x in faces[4:]],
+      },
+      data_dir,
+    )
+    _FIXTURES['tfds'] = (data_dir, train, test)
+  return _FIXTURES['tfds']
+
+
+def tearDownModule():
+  if 'tfds' in _FIXTURES:
+    shutil.rmtree(_FIXTURES['tfds'][0], ignore_errors=True)
+
+
+def _cifar_config(**kwargs):
+  return data.DataConfig(dataset='cifar10', data_dir=_tfds_fixture()[0], **kwargs)
+
+
+def _batches(ds, count):
+  return [b.numpy() for b in ds.take(count)]
+
+
+def _as_set(images):
+  return {x.tobytes() for x in np.reshape(images, [-1, *np.shape(images)[-3:]])}
+
+
+def _eta_reference(image, flip, ty, tx):
+  """Official order: flip, edge pad, translate, centre crop (numpy)."""
+  pad = int(np.ceil(0.04 * image.shape[0]))
+  flipped = image[:, ::-1] if flip else image
+  padded = np.pad(flipped, ((pad, pad), (pad, pad), (0, 0)), mode='edge')
+  height, width = image.shape[:2]
+  return padded[pad - ty : pad - ty + height, pad - tx : pad - tx + width]
+
+
+class DataConfigTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(
+    ('augmentation', dict(augmentation='flip')),
+    ('zero_size', dict(image_size=0)),
+    ('negative_size', dict(image_size=-32)),
+    ('float_size', dict(image_size=31.5)),
+    ('shuffle_buffer', dict(shuffle_buffer=-1)),
+    ('embedded_counts', dict(embedded_num_test=0)),
+    ('image_dir_missing', dict(dataset='image_dir')),
+  )
+  def test_rejects_bad_arguments(self, kwargs):
+    with self.assertRaises(ValueError):
+      data.DataConfig(**kwargs)
+
+  @parameterized.parameters(
+    ('cifar10', None, 32),
+    ('imagenet_resized/32x32', None, 32),
+    ('imagenet_resized/64x64', None, 64),
+    ('celeb_a', None, 64),
+    ('celeb_a', 32, 32),
+    ('embedded', None, 32),
+    ('embedded', 16, 16),
+  )
+  def test_image_shape(self, dataset, image_size, side):
+    config = data.DataConfig(dataset=dataset, image_size=image_size)
+    self.assertEqual(data.image_shape(config), (side, side, 3))
+
+  def test_size_mismatch_of_fixed_size_dataset(self):
+    with self.assertRaisesRegex(ValueError, r'image_size.*cifar10.*32x32'):
+      data.image_shape(data.DataConfig(dataset='cifar10', image_size=64))
+
+  @parameterized.parameters('mnist', 'imagenet_resized/16x16', 'cifar-10')
+  def test_unknown_dataset_name(self, name):
+    config = data.DataConfig(dataset=name, data_dir=self.get_temp_dir())
+    for fn in (data.image_shape, lambda c: data.load_split(c, 'train')):
+      with self.assertRaisesRegex(ValueError, r'Unknown `dataset`.*cifar10.*embedded'):
+        fn(config)
+
+  def test_unknown_split(self):
+    with self.assertRaisesRegex(ValueError, 'split'):
+      data.load_split(_cifar_config(), 'valid')
+
+
+class TfdsLoaderTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.parameters(
+    ('cifar10', 32, 12, 5),
+    ('imagenet_resized/32x32', 32, 6, 4),  # test -> validation
+    ('imagenet_resized/64x64', 64, 4, 3),
+    ('celeb_a', 64, 3, 2),
+  )
+  def test_loads_real_names(self, name, side, num_train, num_test):
+    config = data.DataConfig(dataset=name, data_dir=_tfds_fixture()[0])
+    for split, count in (('train', num_train), ('test', num_test)):
+      ds = data.load_split(config, split)
+      self.assertEqual(ds.element_spec, tf.TensorSpec([side, side, 3], tf.uint8))
+      self.assertLen(list(ds), count)
+      self.assertEqual(data.num_examples(config, split), count)
+
+  def test_cifar10_pixels_unchanged(self):
+    _, train, test = _tfds_fixture()
+    config = _cifar_config()
+    self.assertEqual(_as_set(list(data.load_split(config, 'train'))), _as_set(train))
+    self.assertEqual(_as_set(list(data.load_split(config, 'test'))), _as_set(test))
+
+  @parameterized.parameters(False, True)
+  def test_celeb_a_resize_matches_official(self, center_crop):
+    """Official: PIL bilinear resize of the whole image (or the RealNVP crop) to 64x64."""
+    data_dir = _tfds_fixture()[0]
+    config = data.DataConfig(dataset='celeb_a', data_dir=data_dir, celeba_center_crop=center_crop)
+    ours = np.stack(list(data.load_split(config, 'train').as_numpy_iterator()))
+    full = tfds.builder('celeb_a', data_dir=data_dir).as_dataset(split='train')
+    expected = []
+    for example in full.as_numpy_iterator():
+      image = Image.fromarray(example['image'])
+      if center_crop:
+        image = image.crop((15, 40, 15 + 148, 40 + 148))  # left, top, right, bottom
+      expected.append(np.asarray(image.resize((64, 64), Image.BILINEAR)))
+    diff = np.abs(ours.astype(int) - np.stack(expected).astype(int))
+    self.assertLessEqual(diff.max(), 1)
+
+  @parameterized.parameters('cifar10', 'celeb_a')
+  def test_missing_dataset_says_how_to_build(self, name):
+    config = data.DataConfig(dataset=name, data_dir=self.get_temp_dir())
+    with self.assertRaises(data.DatasetNotFoundError) as cm:
+      data.load_split(config, 'train')
+    message = str(cm.exception)
+    self.assertIn(f'tfds build {name} --data_dir={self.get_temp_dir()}', message)
+    self.assertIn('download=True', message)
+
+  @parameterized.parameters('32', '64')
+  def test_missing_imagenet_says_how_to_prepare(self, side):
+    name = f'imagenet_resized/{side}x{side}'
+    config = data.DataConfig(dataset=name, data_dir=self.get_temp_dir())
+    with self.assertRaises(data.DatasetNotFoundError) as cm:
+      data.make_train_dataset(config, 2)
+    message = str(cm.exception)
+    for text in ('image-net.org', f'Imagenet{side}_', 'manual', f'tfds build {name}', '0.1.0'):
+      self.assertIn(text, message)
+
+  def test_prepared_directory(self):
+    data_dir = _tfds_fixture()[0]
+    for path in (os.path.join(data_dir, 'cifar10', '3.0.2'), os.path.join(data_dir, 'cifar10')):
+      config = data.DataConfig(dataset=path)
+      self.assertEqual(data.image_shape(config), (32, 32, 3))
+      self.assertLen(list(data.load_split(config, 'test')), _NUM_CIFAR_TEST)
+    resized = data.load_split(data.DataConfig(dataset=path, image_size=16), 'train')
+    self.assertEqual(resized.element_spec, tf.TensorSpec([16, 16, 3], tf.uint8))
+
+  def test_prepared_directory_missing(self):
+    with self.assertRaisesRegex(data.DatasetNotFoundError, 'dataset_info.json'):
+      data.load_split(data.DataConfig(dataset=self.get_temp_dir()), 'train')
+
+
+class AugmentTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.parameters((8, 0), (16, 1), (32, 1), (64, 3), (128, 6))
+  def test_eta_max_shift(self, size, shift):
+    self.assertEqual(data.eta_max_shift(size), shift)
+
+  def _augment_many(self, image, augmentation, count=300):
+    ds = tf.data.Dataset.range(count).map(
+      lambda i: data.augment(
+        tf.constant(image), tf.stack([tf.constant(5, tf.int64), i]), augmentation
+      )
+    )
+    return list(ds.as_numpy_iterator())
+
+  @parameterized.parameters(32, 64)
+  def test_eta_is_flip_and_edge_replicated_translation(self, side):
+    """Each output is one (flip, ty, tx) of the official transform, |t| <= max shift."""
+    image = _random_images(1, side, side, seed=side)[0]
+    limit = data.eta_max_shift(side)
+    candidates = [
+      (flip, ty, tx)
+      for flip in (False, True)
+      for ty in range(-limit, limit + 1)
+      for tx in range(-limit, limit + 1)
+    ]
+    found = []
+    for out in self._augment_many(image, 'eta'):
+      self.assertEqual(out.dtype, np.uint8)
+      matches = [c for c in candidates if np.array_equal(out, _eta_reference(image, *c))]
+      self.assertLen(matches, 1)
+      found.append(matches[0])
+    found = np.array(found, dtype=int)
+    self.assertEqual(set(found[:, 0]), {0, 1})
+    self.assertEqual(set(found[:, 1]), set(range(-limit, limit + 1)))
+    self.assertEqual(set(found[:, 2]), set(range(-limit, limit + 1)))
+    # torchvision draws round(U(-m, m)), m = 0.04 * padded side: P(t = 0) = 0.5 / m.
+    m = 0.04 * (side + 2 * np.ceil(0.04 * side))
+    self.assertAllClose(np.mean(found[:, 1:] == 0), 0.5 / m, atol=0.07)
+
+  def test_hflip(self):
+    image = _random_images(1, 16, 16, seed=0)[0]
+    outs = self._augment_many(image, 'hflip', count=40)
+    flipped = [bool(np.array_equal(out, image[:, ::-1])) for out in outs]
+    for out, was_flipped in zip(outs, flipped):
+      self.assertTrue(was_flipped or np.array_equal(out, image))
+    self.assertEqual(set(flipped), {False, True})
+
+  def test_none_and_seed_determinism(self):
+    image = tf.constant(_random_images(1, 16, 16, seed=0)[0])
+    self.assertAllEqual(data.augment(image, [1, 2], 'none'), image)
+    self.assertAllEqual(data.augment(image, [1, 2]), data.augment(image, [1, 2]))
+
+  def test_unknown_augmentation(self):
+    with self.assertRaisesRegex(ValueError, 'augmentation'):
+      data.augment(tf.zeros([4, 4, 3], tf.uint8), [0, 0], 'rotate')
+
+
+class TrainDatasetTest(tf.test.TestCase, parameterized.TestCase):
+  def test_batches(self):
+    ds = data.make_train_dataset(_cifar_config(), 4)
+    self.assertEqual(ds.element_spec, tf.TensorSpec([4, 32, 32, 3], tf.uint8))
+    batches = _batches(ds, 7)  # infinite: more batches than one epoch
+    self.assertLen(batches, 7)
+
+  def test_epochs_are_reshuffled_permutations(self):
+    _, train, _ = _tfds_fixture()
+    ds = data.make_train_dataset(_cifar_config(augmentation='none'), 4)
+    batches = np.stack(_batches(ds, 6))
+    epoch0, epoch1 = batches[:3].reshape(-1, 32, 32, 3), batches[3:].reshape(-1, 32, 32, 3)
+    self.assertEqual(_as_set(epoch0), _as_set(train))
+    self.assertEqual(_as_set(epoch1), _as_set(train))
+    self.assertNotAllEqual(epoch0, epoch1)
+
+  def test_same_seed_same_batches(self):
+    config = _cifar_config()
+    first = _batches(data.make_train_dataset(config, 5, seed=3), 4)
+    again = _batches(data.make_train_dataset(config, 5, seed=3), 4)
+    other = _batches(data.make_train_dataset(config, 5, seed=4), 4)
+    self.assertAllEqual(np.stack(first), np.stack(again))
+    self.assertNotAllEqual(np.stack(first), np.stack(other))
+
+  @parameterized.parameters(1, 2, 3, 7)
+  def test_skip_batches_equals_skipping_the_stream(self, skip):
+    config = _cifar_config()  # 12 examples, batches of 5 run across epochs
+    stream = _batches(data.make_train_dataset(config, 5, seed=1), skip + 3)
+    resumed = _batches(data.make_train_dataset(config, 5, seed=1, skip_batches=skip), 3)
+    self.assertAllEqual(np.stack(stream[skip:]), np.stack(resumed))
+
+  def test_input_context_gives_disjoint_shards(self):
+    _, train, _ = _tfds_fixture()
+    config = _cifar_config(augmentation='none')
+    shards = []
+    for pipeline in range(2):
+      context = tf.distribute.InputContext(
+        num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
+      )
+      ds = data.make_train_dataset(config, 3, input_context=context, seed=0)
+      shards.append(_as_set(np.stack(_batches(ds, 2))))  # 2 batches of 3 = one epoch of 6
+    self.assertLen(shards[0], _NUM_CIFAR_TRAIN // 2)
+    self.assertEmpty(shards[0] & shards[1])
+    self.assertEqual(shards[0] | shards[1], _as_set(train))
+
+  def test_unseeded_stream(self):
+    ds = data.make_train_dataset(_cifar_config(), 4, seed=None)
+    self.assertEqual(_batches(ds, 1)[0].shape, (4, 32, 32, 3))
+
+  @parameterized.parameters(dict(batch_size=0), dict(batch_size=2, skip_batches=-1))
+  def test_bad_arguments(self, **kwargs):
+    with self.assertRaises(ValueError):
+      data.make_train_dataset(_cifar_config(), **kwargs)
+
+  def test_eval_dataset(self):
+    config = _cifar_config()
+    ds = data.make_eval_dataset(config, 2)
+    batches = _batches(ds, 10)
+    self.assertEqual([len(b) for b in batches], [2, 2, 1])
+    self.assertAllEqual(np.concatenate(batches), np.concatenate(_batches(ds, 10)))
+    self.assertAllEqual(np.concatenate(batches), np.stack(list(data.load_split(config, 'test'))))
+    dropped = _batches(data.make_eval_dataset(config, 2, drop_remainder=True, max_examples=3), 10)
+    self.assertEqual([len(b) for b in dropped], [2])
+
+
+class ImageDirTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.root = tempfile.mkdtemp(dir=self.get_temp_dir())
+    self.square = _random_images(1, 16, 16, seed=0)[0]
+    files = {
+      'train/a/b/square.png': self.square,
+      'train/wide.PNG': _random_images(1, 20, 30, seed=1)[0],
+      'train/photo.jpg': _smooth_images(1, 40, 32, seed=2)[0],
+      'test/x/tall.jpeg': _smooth_images(1, 48, 24, seed=3)[0],
+    }
+    for path, image in files.items():
+      os.makedirs(os.path.dirname(os.path.join(self.root, path)), exist_ok=True)
+      Image.fromarray(image).save(os.path.join(self.root, path))
+    with open(os.path.join(self.root, 'train', 'notes.txt'), 'w') as f:
+      f.write('not an image')
+
+  def test_loads_and_resizes(self):
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    train = np.stack(list(data.load_split(config, 'train').as_numpy_iterator()))
+    self.assertEqual(train.shape, (3, 8, 8, 3))
+    self.assertEqual(train.dtype, np.uint8)
+    self.assertEqual(data.num_examples(config, 'test'), 1)
+    batch = _batches(data.make_train_dataset(config, 2), 1)[0]
+    self.assertEqual(batch.shape, (2, 8, 8, 3))
+
+  def test_native_square_image_keeps_pixels(self):
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=16)
+    train = list(data.load_split(config, 'train').as_numpy_iterator())
+    self.assertTrue(any(np.array_equal(x, self.square) for x in train))
+
+  def test_size_from_first_image(self):
+    os.remove(os.path.join(self.root, 'train', 'a', 'b', 'square.png'))  # first is now 40x32
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root)
+    with self.assertRaisesRegex(ValueError, 'image_size'):
+      data.image_shape(config)
+
+  def test_missing_split_folder(self):
+    shutil.rmtree(os.path.join(self.root, 'test'))
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    with self.assertRaisesRegex(data.DatasetNotFoundError, 'test/'):
+      data.load_split(config, 'train')
+
+  def test_empty_split_folder(self):
+    os.remove(os.path.join(self.root, 'test', 'x', 'tall.jpeg'))
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    with self.assertRaisesRegex(data.DatasetNotFoundError, 'no image files'):
+      data.load_split(config, 'test')
+
+  def test_missing_root(self):
+    config = data.DataConfig(dataset='image_dir', image_dir=os.path.join(self.root, 'nope'))
+    with self.assertRaisesRegex(data.DatasetNotFoundError, 'image_dir'):
+      data.load_split(config, 'train')
+
+
+class EmbeddedDatasetTest(tf.test.TestCase, parameterized.TestCase):
+  _ARGS = dict(image_size=16, num_train=40, num_test=10, seed=1)
+
+  def test_regions_are_disjoint_and_spread(self):
+    regions = data.embedded_regions(427, 640)
+    self.assertLen(regions['train'], 15)
+    self.assertLen(regions['test'], 5)
+    masks = {}
+    for split, blocks in regions.items():
+      masks[split] = np.zeros([427, 640], int)
+      for top, left, bottom, right in blocks:
+        masks[split][top:bottom, left:right] += 1
+    self.assertEqual(masks['train'].max(), 1)
+    self.assertEqual(masks['test'].max(), 1)
+    self.assertFalse((masks['train'] & masks['test']).any())
+    self.assertTrue((masks['train'] | masks['test']).all())
+    # Test blocks touch every row band and every column band of the photo.
+    self.assertTrue(masks['test'].any(axis=1).all())
+    self.assertTrue(masks['test'].any(axis=0).all())
+
+  def test_no_test_patch_overlaps_a_train_pixel(self):
+    shapes = [(427, 640), (427, 640)]
+    boxes = data.embedded_patch_boxes(32, 600, 200, seed=0, photo_shapes=shapes)
+    for photo in range(len(shapes)):
+      masks = {}
+      for split, split_boxes in boxes.items():
+        masks[split] = np.zeros(shapes[photo], bool)
+        for p, top, left, side in split_boxes:
+          if p == photo:
+            masks[split][top : top + side, left : left + side] = True
+        self.assertTrue(masks[split].any())
+      self.assertFalse((masks['train'] & masks['test']).any())
+    sides = np.concatenate([b[:, 3] for b in boxes.values()])
+    self.assertBetween(sides.min(), 32, 33)
+    self.assertGreater(sides.max(), 64)  # zoomed-out crops, up to 3x
+    self.assertLessEqual(sides.max(), 96)
+
+  def test_too_large_image_size(self):
+    with self.assertRaisesRegex(ValueError, 'image_size'):
+      data.embedded_patch_boxes(120, 10, 10, photo_shapes=[(427, 640)])
+
+  def test_build_load_and_reuse(self):
+    data_dir = self.get_temp_dir()
+    self.assertEqual(data.build_embedded_dataset(data_dir, **self._ARGS), data_dir)
+    version_dir = os.path.join(
+      data_dir, data.EMBEDDED_NAME, '16x16_n40_t10_seed1', data.EMBEDDED_VERSION
+    )
+    info = os.path.join(version_dir, 'dataset_info.json')
+    stamp = os.stat(info).st_mtime_ns
+    self.assertEqual(data.build_embedded_dataset(data_dir, **self._ARGS), data_dir)
+    self.assertEqual(os.stat(info).st_mtime_ns, stamp)
+    self.assertEqual(os.listdir(data_dir), [data.EMBEDDED_NAME])  # no temporary folder left
+
+    config = data.DataConfig(
+      dataset='embedded',
+      data_dir=data_dir,
+      image_size=16,
+      embedded_num_train=40,
+      embedded_num_test=10,
+      seed=1,
+    )
+    expected = data.embedded_patches(**self._ARGS)
+    for split in ('train', 'test'):
+      loaded = np.stack(list(data.load_split(config, split).as_numpy_iterator()))
+      self.assertAllEqual(loaded, expected[split])
+    self.assertEqual(os.stat(info).st_mtime_ns, stamp)
+    batch = _batches(data.make_train_dataset(config, 8), 1)[0]
+    self.assertEqual(batch.shape, (8, 16, 16, 3))
+    # The same files through the plain TFDS API.
+    ds = tfds.load(
+      f'{data.EMBEDDED_NAME}/16x16_n40_t10_seed1', split='test', data_dir=data_dir, download=False
+    )
+    self.assertLen(list(ds), 10)
+
+  def test_build_is_deterministic(self):
+    def record_bytes(seed):
+      data_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+      data.build_embedded_dataset(data_dir, **{**self._ARGS, 'seed': seed})
+      version_dir = os.path.join(
+        data_dir,
+        data.EMBEDDED_NAME,
+        data.embedded_config_name(**{**self._ARGS, 'seed': seed}),
+        data.EMBEDDED_VERSION,
+      )
+      return {
+        name: open(os.path.join(version_dir, name), 'rb').read()
+        for name in sorted(os.listdir(version_dir))
+        if 'tfrecord' in name
+      }
+
+    first, again, other = record_bytes(1), record_bytes(1), record_bytes(2)
+    self.assertLen(first, 2)
+    self.assertEqual(first, again)
+    self.assertNotEqual(first, other)
+
+  def test_default_config_name(self):
+    self.assertEqual(data.embedded_config_name(), '32x32')
+    self.assertEqual(data.embedded_config_name(**self._ARGS), '16x16_n40_t10_seed1')
+
+  @pytest.mark.slow
+  def test_default_build_is_fast(self):
+    data_dir = self.get_temp_dir()
+    start = time.perf_counter()
+    data.build_embedded_dataset(data_dir)
+    seconds = time.perf_counter() - start
+    config = data.DataConfig(dataset='embedded', data_dir=data_dir)
+    self.assertEqual(data.num_examples(config, 'train'), 20_000)
+    self.assertLen(list(data.load_split(config, 'test')), 2_000)
+    self.assertLess(seconds, 60.0)
+
+
+if __name__ == '__main__':
+  tf.test.main()
