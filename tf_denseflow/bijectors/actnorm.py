@@ -63,12 +63,17 @@ class ActNorm(FlowBijector):
     self.log_scale.assign(tf.math.log(tf.sqrt(var) + 1e-6))
     self.initialized.assign(True)
 
-  def _log_det(self, x):
-    hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], tf.float32)
-    return hw * tf.reduce_sum(self.log_scale) * tf.ones(tf.shape(x)[:-3])
+  def _params(self, x):
+    return tf.cast(self.shift, x.dtype), tf.cast(self.log_scale, x.dtype)
+
+  def _log_det(self, x, log_scale):
+    hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], x.dtype)
+    return hw * tf.reduce_sum(log_scale) * tf.ones(tf.shape(x)[:-3], x.dtype)
 
   def forward_and_log_det(self, z, **kwargs):
-    return z * tf.exp(self.log_scale) + self.shift, self._log_det(z)
+    shift, log_scale = self._params(z)
+    return z * tf.exp(log_scale) + shift, self._log_det(z, log_scale)
 
   def inverse_and_log_det(self, x, **kwargs):
-    return (x - self.shift) * tf.exp(-self.log_scale), -self._log_det(x)
+    shift, log_scale = self._params(x)
+    return (x - shift) * tf.exp(-log_scale), -self._log_det(x, log_scale)

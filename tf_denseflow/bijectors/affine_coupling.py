@@ -75,7 +75,7 @@ class AffineCoupling(FlowBijector):
     if context is not None:
       context = tf.reshape(context, [-1, height, width, context.shape[-1]])
       h = tf.concat([h, tf.cast(context, h.dtype)], axis=-1)
-    params = tf.cast(self._run_conditioner(h, training), tf.float32)
+    params = tf.cast(self._run_conditioner(h, training), x1.dtype)
     params = tf.reshape(
       params, tf.concat([batch, [height, width, self._channels - self._num_masked, 2]], 0)
     )

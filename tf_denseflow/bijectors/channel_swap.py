@@ -40,8 +40,8 @@ class ChannelSwap(FlowBijector):
 
   def forward_and_log_det(self, z, **kwargs):
     k = self._channels // 2  # z = [b, a] with b the last floor(C/2) channels of x
-    return tf.concat([z[..., k:], z[..., :k]], axis=-1), tf.zeros(tf.shape(z)[:-3])
+    return tf.concat([z[..., k:], z[..., :k]], axis=-1), tf.zeros(tf.shape(z)[:-3], z.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
     k = (self._channels + 1) // 2
-    return tf.concat([x[..., k:], x[..., :k]], axis=-1), tf.zeros(tf.shape(x)[:-3])
+    return tf.concat([x[..., k:], x[..., :k]], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)

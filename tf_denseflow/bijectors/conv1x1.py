@@ -71,12 +71,14 @@ class InvertibleConv1x1(FlowBijector):
     flat = tf.reshape(x, [-1, self._channels])
     return tf.reshape(tf.matmul(flat, matrix, transpose_b=True), tf.shape(x))
 
-  def _log_det(self, x):
-    hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], tf.float32)
-    return hw * tf.linalg.slogdet(self.kernel)[1] * tf.ones(tf.shape(x)[:-3])
+  def _log_det(self, x, kernel):
+    hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], x.dtype)
+    return hw * tf.linalg.slogdet(kernel)[1] * tf.ones(tf.shape(x)[:-3], x.dtype)
 
   def forward_and_log_det(self, z, **kwargs):
-    return self._apply(z, tf.linalg.inv(self.kernel)), -self._log_det(z)
+    kernel = tf.cast(self.kernel, z.dtype)
+    return self._apply(z, tf.linalg.inv(kernel)), -self._log_det(z, kernel)
 
   def inverse_and_log_det(self, x, **kwargs):
-    return self._apply(x, self.kernel), self._log_det(x)
+    kernel = tf.cast(self.kernel, x.dtype)
+    return self._apply(x, kernel), self._log_det(x, kernel)

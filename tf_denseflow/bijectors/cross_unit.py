@@ -58,7 +58,7 @@ class CrossUnitCoupling(FlowBijector):
     """`(mu, log_sigma)`, each `[..., H, W, G]`, from the conditioning latents `h`."""
     batch = tf.shape(h)[:-3]
     height, width = h.shape[-3], h.shape[-2]
-    out = self.network(tf.reshape(h, [-1, height, width, h.shape[-1]]))
+    out = tf.cast(self.network(tf.reshape(h, [-1, height, width, h.shape[-1]])), h.dtype)
     out = tf.reshape(out, tf.concat([batch, [height, width, 2 * self._growth_rate]], 0))
     mu, s = out[..., : self._growth_rate], out[..., self._growth_rate :]
     return mu, 2.0 * tf.tanh(s / 2.0)

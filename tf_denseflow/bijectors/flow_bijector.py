@@ -24,8 +24,10 @@ _MEMO_SIZE = 16
 
 
 def sum_event(t: tf.Tensor) -> tf.Tensor:
-  """Sums a `[..., H, W, C]` tensor over its three event dimensions, in float32."""
-  return tf.reduce_sum(tf.cast(t, tf.float32), axis=[-3, -2, -1])
+  """Sums a `[..., H, W, C]` tensor over its three event dimensions (half precision -> float32)."""
+  if t.dtype in (tf.bfloat16, tf.float16):
+    t = tf.cast(t, tf.float32)
+  return tf.reduce_sum(t, axis=[-3, -2, -1])
 
 
 class FlowBijector(tfb.Bijector):

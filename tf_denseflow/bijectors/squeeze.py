@@ -77,10 +77,10 @@ class Squeeze(FlowBijector):
     return self._order
 
   def forward_and_log_det(self, z, **kwargs):
-    return unsqueeze2x2(z, self._order), tf.zeros(tf.shape(z)[:-3])
+    return unsqueeze2x2(z, self._order), tf.zeros(tf.shape(z)[:-3], z.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
-    return squeeze2x2(x, self._order), tf.zeros(tf.shape(x)[:-3])
+    return squeeze2x2(x, self._order), tf.zeros(tf.shape(x)[:-3], x.dtype)
 
   def _forward_event_shape(self, s):
     return tf.TensorShape(

@@ -45,12 +45,12 @@ class Transition(FlowBijector):
   def forward_and_log_det(self, parts, **kwargs):
     z_keep, z_out = parts
     x = unsqueeze2x2(tf.concat([z_keep, z_out], axis=-1), self._order)
-    return x, tf.zeros(tf.shape(z_keep)[:-3])
+    return x, tf.zeros(tf.shape(z_keep)[:-3], z_keep.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
     z = squeeze2x2(x, self._order)
     half = z.shape[-1] // 2
-    return [z[..., :half], z[..., half:]], tf.zeros(tf.shape(x)[:-3])
+    return [z[..., :half], z[..., half:]], tf.zeros(tf.shape(x)[:-3], x.dtype)
 
   def _forward_dtype(self, dtypes, **kwargs):
     return dtypes[0]
