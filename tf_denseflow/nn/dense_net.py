@@ -70,6 +70,10 @@ class DenseConvBlock(Layer):
     for _ in range(depth):
       self.dense_layers.append(DenseLayer(channels, growth, compute_dtype, seeds))
       channels += growth
+    # Keras 3 wraps a list attribute in a type that tf.train.Checkpoint does not follow, so each
+    # dense layer is also an attribute of its own (their checkpoint keys: dense_layer_0, ...).
+    for j, layer in enumerate(self.dense_layers):
+      setattr(self, f'dense_layer_{j}', layer)
     self.gate = GatedConv(channels, out_channels, compute_dtype, seeds)
     self.built = True
 

@@ -1,0 +1,79 @@
+"""The benchmark entry point: one tiny run through the CLI, checking the JSON it writes.
+
+No timing assertions: CI machines are shared, so the numbers mean nothing here.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+from tf_denseflow import bench
+
+
+class BenchTest(tf.test.TestCase):
+  def test_tiny_run_writes_every_key(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    path = os.path.join(tmp, 'sub', 'bench.json')
+    result = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'tf_denseflow.bench',
+        '--preset=tiny',
+        '--image_size=16',
+        '--batch_size=2',
+        '--steps=1',
+        '--warmup=1',
+        f'--json={path}',
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('img/s', result.stdout)
+    with open(path) as f:
+      out = json.load(f)
+    for key in ('train', 'eval', 'sample', 'peak_rss_mb', 'params', 'config', 'gflop_per_image'):
+      self.assertIn(key, out)
+    for phase in ('train', 'eval', 'sample'):
+      self.assertNotIn('error', out[phase])
+      for key in ('img_s', 'step_s', 'step_s_all', 'first_call_s'):
+        self.assertIn(key, out[phase])
+      self.assertGreater(out[phase]['img_s'], 0.0)
+      self.assertLen(out[phase]['step_s_all'], 1)
+    self.assertEqual(out['params'], 75_532)
+    self.assertEqual(out['config']['image_shape'], [16, 16, 3])
+    self.assertEqual(out['preset'], 'tiny')
+    self.assertGreater(out['peak_rss_mb'], 0.0)
+    flops = out['gflop_per_image']
+    self.assertGreater(flops['eval'], 0.0)
+    self.assertAllClose(flops['train'], 3.0 * flops['eval'])
+    self.assertIn('profiler', flops['source'])
+
+  def test_table_shows_failed_phases(self):
+    result = {
+      'config': {'image_shape': [8, 8, 3], 'coupling_dtype': 'float32'},
+      'batch_size': 2,
+      'params': 10,
+      'jit_compile': True,
+      'peak_rss_mb': 1.0,
+      'gflop_per_image': None,
+      'train': {'error': 'InvalidArgumentError: Detected unsupported operations'},
+      'eval': {'step_s': 0.5, 'img_s': 4.0, 'first_call_s': 1.0},
+      'sample': {'step_s': 0.25, 'img_s': 8.0},
+    }
+    table = bench.format_table(result, 'tiny')
+    self.assertIn('train     failed: InvalidArgumentError', table)
+    self.assertRegex(table, r'eval\s+0\.5000\s+4\.0')
+
+
+if __name__ == '__main__':
+  tf.test.main()

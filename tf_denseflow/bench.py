@@ -1,0 +1,326 @@
+"""Throughput benchmark: training step, ELBO evaluation and sampling of a DenseFlow preset.
+
+```
+python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 \
+    --json=runs/bench_small.json [--steps=10] [--warmup=2] [--jit_compile] \
+    [--coupling_dtype=bfloat16]
+```
+Random uint8 images, one device. Each phase is one `tf.function` (traced and compiled during the
+warm-up calls, which are excluded), timed per call (outputs fetched to the host, so GPU work is
+included) and summarised by the median:
+- `train`: single-sample ELBO in bits/dim with `training=True` (batch statistics, running-stat
+  updates), its gradient, and a `keras.optimizers.Adamax` update. `--jit_compile` compiles the
+  loss-and-gradient function with XLA; the optimizer update stays outside it.
+- `eval`: the ELBO with `training=False` (as evaluation runs it, one sample).
+- `sample`: `model.sample(batch_size)`.
+
+FLOPs come from TF's profiler (`tf.compat.v1.profiler`, `float_operation()`) on the traced
+graphs of the eval and sample functions: ops with registered flop statistics (MatMul, Conv2D,
+BiasAdd, element-wise ops, ...), counted as 2 per multiply-add. The training step counts as 3x the
+forward pass (forward + backward), the usual estimate; the gradient graph itself is not counted
+(backward convolutions have no registered statistics). For reference, the official model's
+conv/matmul cost at 32x32 is 2.32 GMAC per image for `small` and 16.35 GMAC for DenseFlow-74-10;
+the profiler gives 2.324 GMAC (4.647 GFLOP) per image for `small` at 32x32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ['OFFICIAL_GMAC_32', 'count_flops', 'define_bench_flags', 'format_table', 'run_benchmark']
+
+_PRESETS = ('tiny', 'small', 'denseflow_74_10')
+# The official conv/matmul cost of one log-likelihood pass per 32x32 image (multiply-adds).
+OFFICIAL_GMAC_32 = {'small': 2.32, 'denseflow_74_10': 16.35}
+
+
+def _make_config(preset: str, image_size: int, coupling_dtype: str):
+  from tf_denseflow.config import DenseFlowConfig
+
+  if preset not in _PRESETS:
+    raise ValueError(f'Unknown preset {preset!r}; choose one of {", ".join(_PRESETS)}.')
+  return getattr(DenseFlowConfig, preset)(
+    (image_size, image_size, 3), coupling_dtype=coupling_dtype
+  )
+
+
+def count_flops(concrete_function) -> Optional[float]:
+  """Float operations of a traced function's graph (TF profiler), or None if unavailable."""
+  import tensorflow as tf
+
+  logger, level = tf.get_logger(), tf.get_logger().level
+  logger.setLevel('ERROR')  # the v1 profiler warns about its own deprecated internals
+  try:
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    return float(
+      tf.compat.v1.profiler.profile(concrete_function.graph, options=options).total_float_ops
+    )
+  except Exception:  # noqa: BLE001 -- the profiler is best effort; timing does not depend on it.
+    return None
+  finally:
+    logger.setLevel(level)
+
+
+def _fetch(outputs) -> None:
+  """Copies every output to the host: the call has finished on the device."""
+  import tensorflow as tf
+
+  for t in tf.nest.flatten(outputs):
+    if hasattr(t, 'numpy'):
+      t.numpy()
+
+
+def _time_phase(call: Callable[[int], Any], warmup: int, steps: int) -> Dict[str, Any]:
+  """Runs `call(i)` `warmup` + `steps` times; timings of the last `steps` calls."""
+  result: Dict[str, Any] = {}
+  try:
+    start = time.perf_counter()
+    for i in range(warmup):
+      _fetch(call(i))
+      if i == 0:
+        result['first_call_s'] = time.perf_counter() - start
+    times = []
+    for i in range(warmup, warmup + steps):
+      start = time.perf_counter()
+      _fetch(call(i))
+      times.append(time.perf_counter() - start)
+  except Exception as e:  # noqa: BLE001 -- one failing phase (e.g. an XLA-unsupported op) is reported, the others still run.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = [ln for ln in lines if ln.startswith(('Detected', 'No registered'))] or lines or ['']
+    result['error'] = f'{type(e).__name__}: {why[0]}'[:500]
+    return result
+  result['step_s'] = statistics.median(times)
+  result['step_s_all'] = times
+  return result
+
+
+def _device_info() -> Dict[str, Any]:
+  import tensorflow as tf
+
+  gpus = tf.config.list_physical_devices('GPU')
+  info = {
+    'tensorflow': tf.__version__,
+    'python': platform.python_version(),
+    'machine': platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'gpus': [],
+  }
+  for gpu in gpus:
+    details = tf.config.experimental.get_device_details(gpu)
+    info['gpus'].append(details.get('device_name', gpu.name))
+  return info
+
+
+def run_benchmark(
+  config,
+  batch_size: int,
+  steps: int = 10,
+  warmup: int = 2,
+  jit_compile: bool = False,
+  with_flops: bool = True,
+  seed: int = 0,
+) -> Dict[str, Any]:
+  """Times the training step, ELBO evaluation and sampling of a fresh model of `config`.
+
+  Args:
+    config: a `DenseFlowConfig`.
+    batch_size: images per call.
+    steps: timed calls per phase (the median is reported).
+    warmup: untimed calls first (tracing and compilation; at least 1).
+    jit_compile: XLA-compile the loss-and-gradient, eval and sample functions.
+    with_flops: count FLOPs with TF's profiler (adds a few seconds for big models).
+    seed: data and weight-initialisation seed.
+
+  Returns:
+    The JSON-ready result (see the module docstring); a phase that fails holds `error`.
+  """
+  import keras
+  import tensorflow as tf
+
+  from tf_denseflow.model import DenseFlow
+
+  if batch_size <= 0 or steps <= 0 or warmup <= 0:
+    raise ValueError(
+      f'batch_size, steps and warmup must be positive: {batch_size}, {steps}, {warmup}.'
+    )
+  rng = np.random.default_rng(seed)
+  shape = (batch_size,) + tuple(config.image_shape)
+  batches = [tf.constant(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)]
+
+  start = time.perf_counter()
+  model = DenseFlow(config, seed=seed)
+  build_s = time.perf_counter() - start
+  start = time.perf_counter()
+  model.initialize(batches[0])
+  init_s = time.perf_counter() - start
+  variables = model.trainable_variables
+  optimizer = keras.optimizers.Adamax(learning_rate=1e-3)
+  optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
+  scale = config.bits_per_dim_scale
+
+  def loss_and_grads(images, step_seed):
+    with tf.GradientTape() as tape:
+      loss = -tf.reduce_mean(model.elbo(images, step_seed, training=True)) * scale
+    return loss, tape.gradient(loss, variables)
+
+  grad_fn = tf.function(loss_and_grads, jit_compile=jit_compile, autograph=False)
+
+  @tf.function(autograph=False)
+  def train_step(images, step_seed):
+    loss, grads = grad_fn(images, step_seed)
+    optimizer.apply_gradients(zip(grads, variables))
+    return loss
+
+  eval_fn = tf.function(
+    lambda images, s: model.elbo(images, s), jit_compile=jit_compile, autograph=False
+  )
+  sample_fn = tf.function(
+    lambda s: model.sample(batch_size, s), jit_compile=jit_compile, autograph=False
+  )
+
+  def seed_of(i):
+    return tf.constant([seed, i], tf.int64)
+
+  phases = {
+    'train': _time_phase(lambda i: train_step(batches[i % 2], seed_of(i)), warmup, steps),
+    'eval': _time_phase(lambda i: eval_fn(batches[i % 2], seed_of(i)), warmup, steps),
+    'sample': _time_phase(lambda i: sample_fn(seed_of(i)), warmup, steps),
+  }
+  for phase in phases.values():
+    if 'step_s' in phase:
+      phase['img_s'] = batch_size / phase['step_s']
+
+  flops = None
+  if with_flops:
+    # The traces of the timed functions (cached: same input signature), not new ones.
+    forward = count_flops(eval_fn.get_concrete_function(batches[0], seed_of(0)))
+    sampling = count_flops(sample_fn.get_concrete_function(seed_of(0)))
+    if forward:
+      flops = {
+        'source': 'tf.compat.v1.profiler float_operation() on the traced eval/sample graphs; '
+        'train = 3 x eval (forward + backward estimate)',
+        'eval': forward / batch_size / 1e9,
+        'train': 3.0 * forward / batch_size / 1e9,
+        'sample': sampling / batch_size / 1e9 if sampling else None,
+      }
+      for name, phase in phases.items():
+        if 'img_s' in phase and flops.get(name):
+          phase['gflop_s'] = flops[name] * phase['img_s']
+
+  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+  result = {
+    'train': phases['train'],
+    'eval': phases['eval'],
+    'sample': phases['sample'],
+    'peak_rss_mb': rss_mb,
+    'params': model.num_parameters(),
+    'config': dataclasses.asdict(config),
+    'gflop_per_image': flops,
+    'batch_size': batch_size,
+    'steps': steps,
+    'warmup': warmup,
+    'jit_compile': jit_compile,
+    'build_s': build_s,
+    'init_s': init_s,
+    'device': _device_info(),
+  }
+  if tf.config.list_physical_devices('GPU'):
+    peak = tf.config.experimental.get_memory_info('GPU:0')['peak']
+    result['peak_gpu_mb'] = peak / 2**20
+  return result
+
+
+def format_table(result: Dict[str, Any], name: str = '') -> str:
+  """A plain-text summary of `run_benchmark`'s result."""
+  cfg = result['config']
+  h, w, c = cfg['image_shape']
+  lines = [
+    f'DenseFlow bench {name}: {h}x{w}x{c}, batch {result["batch_size"]}, '
+    f'{result["params"]:,} params, jit_compile={result["jit_compile"]}, '
+    f'coupling_dtype={cfg["coupling_dtype"]}',
+    f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}',
+  ]
+  flops = result.get('gflop_per_image') or {}
+  for phase in ('train', 'eval', 'sample'):
+    r = result[phase]
+    if 'error' in r:
+      lines.append(f'{phase:<8}  failed: {r["error"]}')
+      continue
+    per_image = flops.get(phase)
+    lines.append(
+      f'{phase:<8}{r["step_s"]:>10.4f}{r["img_s"]:>10.1f}'
+      f'{per_image if per_image is not None else float("nan"):>11.3f}'
+      f'{r.get("gflop_s", float("nan")):>10.1f}{r.get("first_call_s", float("nan")):>12.1f}'
+    )
+  lines.append(
+    f'peak RSS {result["peak_rss_mb"]:.0f} MB'
+    + (f', peak GPU memory {result["peak_gpu_mb"]:.0f} MB' if 'peak_gpu_mb' in result else '')
+  )
+  if flops:
+    lines.append(f'FLOPs: {flops["source"]}')
+  return '\n'.join(lines)
+
+
+def define_bench_flags() -> None:
+  """Defines this entry point's flags (called only from `__main__`, never on import)."""
+  from absl import flags
+
+  flags.DEFINE_enum('preset', 'small', list(_PRESETS), 'DenseFlowConfig preset.')
+  flags.DEFINE_integer('image_size', 32, 'Image height = width in pixels.', lower_bound=1)
+  flags.DEFINE_integer('batch_size', 16, 'Images per call.', lower_bound=1)
+  flags.DEFINE_integer('steps', 10, 'Timed calls per phase (median reported).', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed calls per phase first (tracing).', lower_bound=1)
+  flags.DEFINE_bool('jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
+  flags.DEFINE_enum('coupling_dtype', 'float32', ['float32', 'bfloat16'], 'Coupling-net dtype.')
+  flags.DEFINE_bool('count_flops', True, 'Count FLOPs with the TF profiler.')
+  flags.DEFINE_string('json', None, 'Write the result to this JSON file.')
+  flags.DEFINE_integer('seed', 0, 'Data and initialisation seed.')
+
+
+def main(argv: List[str]) -> None:
+  """The `python -m tf_denseflow.bench` entry point (absl)."""
+  from absl import flags, logging
+
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  if len(argv) > 1:
+    sys.exit(f'bench: error: unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    config = _make_config(f.preset, f.image_size, f.coupling_dtype)
+  except ValueError as e:
+    print(f'bench: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  result = run_benchmark(
+    config, f.batch_size, f.steps, f.warmup, f.jit_compile, f.count_flops, f.seed
+  )
+  result['preset'] = f.preset
+  if f.preset in OFFICIAL_GMAC_32 and f.image_size == 32:
+    result['official_gmac_per_image_32'] = OFFICIAL_GMAC_32[f.preset]
+  print(format_table(result, f.preset))
+  if f.json:
+    directory = os.path.dirname(f.json)
+    if directory:
+      os.makedirs(directory, exist_ok=True)
+    with open(f.json, 'w') as out:
+      json.dump(result, out, indent=2, sort_keys=True)
+    print(f'Wrote {f.json}')
+  if any('error' in result[p] for p in ('train', 'eval', 'sample')):
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  from absl import app
+
+  define_bench_flags()
+  app.run(main)
