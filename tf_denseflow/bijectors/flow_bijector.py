@@ -80,14 +80,23 @@ class FlowBijector(tfb.Bijector):
       return ldj
     return None
 
+  # Every instance owns variables or networks: compare (and cache) by identity, never by
+  # hyper-parameters, so that two `ActNorm(3)` never share TFP's cache.
+  def _get_parameterization(self):
+    return id(self)
+
+  # Both ends of a pass are remembered: `TransformedDistribution.log_prob` calls `inverse(x)`
+  # and then asks for the log-det at either end.
   def _forward(self, z, **kwargs):
     x, ldj = self.forward_and_log_det(z, **kwargs)
     self._memo_put('forward', z, ldj)
+    self._memo_put('inverse', x, -ldj)
     return x
 
   def _inverse(self, x, **kwargs):
     z, ldj = self.inverse_and_log_det(x, **kwargs)
     self._memo_put('inverse', x, ldj)
+    self._memo_put('forward', z, -ldj)
     return z
 
   def _forward_log_det_jacobian(self, z, **kwargs):

@@ -93,6 +93,10 @@ class Conv(Layer):
     self.built = True
 
   def call(self, x):
+    if x.shape[-1] is not None and x.shape[-1] != self.in_channels:
+      raise ValueError(
+        f'{self.name}: expected {self.in_channels} input channels, got shape {x.shape}.'
+      )
     dtype = tf.as_dtype(self.compute_dtype_name)
     x = tf.cast(x, dtype)
     kernel = tf.cast(self.kernel, dtype)
