@@ -1,0 +1,613 @@
+"""Command-line flags of the tf_denseflow programs: the one place where flags are defined.
+
+Only the entry points call the `define_*` functions (`train.py` calls `define_flags`,
+`evaluate.py` calls `define_evaluate_flags`, `sample.py` calls `define_sample_flags`); library
+code never reads `FLAGS`, it takes the frozen configs that `train_lib.TrainConfig.from_flags`
+builds. Every flag is optional, so tests can parse any subset. The defaults of `define_flags` are
+the CIFAR-10 values of the paper's official code (DenseFlow-74-10, Adamax 1e-3, 5000 warm-up
+steps, batch 64, 400 + 20 epochs, `eta` augmentation); experiment flagfiles in `configs/` state
+every result-affecting value anyway.
+
+Each `define_*` function may be called more than once, and together in one process (tests):
+a flag that is already defined is left as it is, so the programs share `--workdir`, `--seed`
+and `--data_dir` with the same meaning and default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from absl import flags
+
+__all__ = [
+  'ATTENTION_TOKENS',
+  'AUGMENTATIONS',
+  'COUPLING_DTYPES',
+  'DEQUANTIZATIONS',
+  'LR_SCHEDULES',
+  'MODEL_FLAGS',
+  'MODEL_PRESETS',
+  'NOISE_SEEDINGS',
+  'SQUEEZE_ORDERS',
+  'define_evaluate_flags',
+  'define_flags',
+  'define_sample_flags',
+  'explicitly_set',
+  'optional_value',
+]
+
+MODEL_PRESETS = ('denseflow_74_10', 'small', 'tiny', 'custom')
+AUGMENTATIONS = ('eta', 'hflip', 'none')
+LR_SCHEDULES = ('constant', 'exponential')
+NOISE_SEEDINGS = ('global_batch', 'per_replica')
+DEQUANTIZATIONS = ('variational', 'uniform')
+SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
+ATTENTION_TOKENS = ('official', 'pixel')
+COUPLING_DTYPES = ('float32', 'bfloat16')
+
+# Flags that map one-to-one onto a `DenseFlowConfig` field (flag name -> field name). With a
+# named `--model_preset`, only those given explicitly override the preset.
+MODEL_FLAGS = {
+  'units_per_block': 'units_per_block',
+  'steps_per_unit': 'steps_per_unit',
+  'coupling_channels': 'coupling_channels',
+  'growth_rate': 'growth_rate',
+  'dense_depth': 'dense_depth',
+  'dense_growth': 'dense_growth',
+  'attention_landmarks': 'attention_landmarks',
+  'use_attention': 'use_attention',
+  'attention_tokens': 'attention_tokens',
+  'use_cross_unit_coupling': 'use_cross_unit_coupling',
+  'cross_unit_include_previous': 'cross_unit_include_previous',
+  'squeeze_order': 'squeeze_order',
+  'dequantization': 'dequantization',
+  'dequant_steps': 'dequant_steps',
+  'dequant_context_channels': 'dequant_context_channels',
+  'dequant_mid_channels': 'dequant_mid_channels',
+  'dequant_depth': 'dequant_depth',
+  'dequant_growth': 'dequant_growth',
+  'dequant_context_depth': 'dequant_context_depth',
+  'dequant_context_growth': 'dequant_context_growth',
+  'coupling_dtype': 'coupling_dtype',
+  'recompute_grad': 'use_recompute_grad',
+}
+
+
+def _define(definer: Callable[..., Any], name: str, *args, **kwargs) -> None:
+  """Defines a flag unless a flag of that name exists already (shared between programs)."""
+  if name not in flags.FLAGS:
+    definer(name, *args, **kwargs)
+
+
+def _define_common() -> None:
+  _define(
+    flags.DEFINE_string,
+    'workdir',
+    None,
+    'Run directory: model_config.json, train_config.json, checkpoints/, tb/, samples. Required.',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'seed',
+    0,
+    'Seed of the weights, the data order and every noise draw (stateless, so runs repeat).',
+  )
+  _define(
+    flags.DEFINE_string,
+    'data_dir',
+    None,
+    'TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets; for the embedded '
+    'dataset ~/.cache/tf_denseflow/tfds).',
+  )
+
+
+def define_flags() -> None:
+  """Defines the flags of `python -m tf_denseflow.train` (defaults: the CIFAR-10 recipe)."""
+  _define_common()
+
+  # Data.
+  _define(
+    flags.DEFINE_string,
+    'dataset',
+    'cifar10',
+    'TFDS name (cifar10, imagenet_resized/32x32, imagenet_resized/64x64, celeb_a), embedded '
+    '(32x32 patches of the photos shipped in scikit-learn, built locally), image_dir, or the '
+    'path of a prepared TFDS dataset directory.',
+  )
+  _define(
+    flags.DEFINE_string,
+    'image_dir',
+    None,
+    'With --dataset=image_dir: a folder holding train/ and test/ image subfolders.',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'image_size',
+    None,
+    'Image height = width in pixels (default: the dataset native size); a multiple of '
+    '2**len(units_per_block), i.e. of 8 for three blocks.',
+    lower_bound=1,
+  )
+  _define(flags.DEFINE_bool, 'download', False, 'Let TFDS download and prepare a missing dataset.')
+  _define(
+    flags.DEFINE_enum,
+    'augmentation',
+    'eta',
+    list(AUGMENTATIONS),
+    'Training augmentation: eta = random flip + integer shift (1 px at 32x32, 3 px at 64x64, '
+    'edge padding), as the official code; hflip = flip only (CelebA); none.',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'shuffle_buffer',
+    10_000,
+    'Shuffle buffer of the training stream, in examples.',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_bool,
+    'celeba_center_crop',
+    False,
+    'CelebA: resize the RealNVP 148x148 centre crop instead of the whole image (official).',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'embedded_num_train',
+    20_000,
+    'Training patches of the embedded dataset.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'embedded_num_test',
+    2_000,
+    'Test patches of the embedded dataset.',
+    lower_bound=1,
+  )
+
+  # Model.
+  _define(
+    flags.DEFINE_enum,
+    'model_preset',
+    'denseflow_74_10',
+    list(MODEL_PRESETS),
+    'Architecture preset of DenseFlowConfig. With a named preset, the model flags given '
+    'explicitly (command line or flagfile) override the preset; with custom, every model flag '
+    'is used as it stands (their defaults are DenseFlow-74-10).',
+  )
+  _define(
+    flags.DEFINE_list,
+    'units_per_block',
+    ['6', '4', '1'],
+    'Units per dense block (paper: 6,4,1); its length is the number of blocks.',
+  )
+  _define(
+    flags.DEFINE_list,
+    'steps_per_unit',
+    ['5', '6', '20'],
+    'Glow steps per unit, per block (paper: 5,6,20).',
+  )
+  _define(
+    flags.DEFINE_list,
+    'coupling_channels',
+    ['48', '48', '48'],
+    'Width of the coupling networks, per block (paper: 48).',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'growth_rate',
+    10,
+    'Growth rate k: noise channels added per unit (paper: 10).',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dense_depth',
+    7,
+    'Conv layers in the dense block of each coupling network (official: 7).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dense_growth',
+    64,
+    'Channels each dense layer of a coupling network adds (official: 64).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'attention_landmarks',
+    4,
+    'Nystrom landmarks m of the coupling networks attention (official: 4).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_bool,
+    'use_attention',
+    True,
+    'Include the Nystrom self-attention branch in the coupling networks.',
+  )
+  _define(
+    flags.DEFINE_enum,
+    'attention_tokens',
+    'official',
+    list(ATTENTION_TOKENS),
+    'official: the raw reshape of the official NCHW buffer (tokens are not pixels); pixel: one '
+    'token per pixel.',
+  )
+  _define(
+    flags.DEFINE_bool,
+    'use_cross_unit_coupling',
+    True,
+    'Condition the augmentation noise on earlier latents (False: unconditional N(0, I) noise).',
+  )
+  _define(
+    flags.DEFINE_bool,
+    'cross_unit_include_previous',
+    False,
+    'Also feed the immediately preceding unit output to the cross-unit coupling (paper text); '
+    'False = official code.',
+  )
+  _define(
+    flags.DEFINE_enum,
+    'squeeze_order',
+    'channel_major',
+    list(SQUEEZE_ORDERS),
+    'Channel order of the 2x2 squeeze: channel_major (official) or space_to_depth (TF).',
+  )
+  _define(
+    flags.DEFINE_enum,
+    'dequantization',
+    'variational',
+    list(DEQUANTIZATIONS),
+    'Dequantization: variational (the official conditional flow) or uniform.',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_steps',
+    4,
+    'Coupling steps of the variational dequantization flow.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_context_channels',
+    64,
+    'Context feature channels of the variational dequantization.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_mid_channels',
+    64,
+    'Coupling network width of the variational dequantization.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_depth',
+    4,
+    'Dense layers per coupling network of the variational dequantization.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_growth',
+    64,
+    'Growth of those dense layers.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_context_depth',
+    4,
+    'Dense layers per context-network dense block of the variational dequantization.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'dequant_context_growth',
+    16,
+    'Growth of the context-network dense layers.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_enum,
+    'coupling_dtype',
+    'float32',
+    list(COUPLING_DTYPES),
+    'Compute dtype of the coupling networks; the bijector math stays float32.',
+  )
+  _define(
+    flags.DEFINE_bool,
+    'recompute_grad',
+    False,
+    'Gradient checkpointing of the coupling networks (recompute activations in the backward '
+    'pass): less memory, about one more forward pass of compute.',
+  )
+
+  # Optimization.
+  _define(
+    flags.DEFINE_integer,
+    'global_batch_size',
+    64,
+    'Images per step over all replicas; must be divisible by the number of replicas.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_float,
+    'learning_rate',
+    1e-3,
+    'Adamax learning rate after warm-up.',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_float,
+    'adamax_epsilon',
+    1e-8,
+    'Adamax epsilon (PyTorch default 1e-8; Keras default 1e-7).',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'warmup_steps',
+    5000,
+    'Linear learning-rate warm-up, in steps: lr * min(1, (step + 1) / warmup_steps).',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_enum,
+    'lr_schedule',
+    'constant',
+    list(LR_SCHEDULES),
+    'After warm-up: constant (what the official code effectively runs) or exponential '
+    '(lr * lr_decay_gamma ** epoch, what the paper describes).',
+  )
+  _define(
+    flags.DEFINE_float,
+    'lr_decay_gamma',
+    0.9975,
+    'Per-epoch decay factor of --lr_schedule=exponential (official: 0.9975 CIFAR-10, 0.95 others).',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'steps_per_epoch',
+    None,
+    'Steps per epoch for the exponential decay (default: ceil(train examples / '
+    'global_batch_size)).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'train_steps',
+    312_800,
+    'Steps of the main stage (CIFAR-10: 400 epochs of 782 steps).',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_float,
+    'finetune_lr',
+    2e-5,
+    'Constant learning rate of the fine-tune stage that follows the main stage.',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'finetune_steps',
+    15_640,
+    'Steps of the fine-tune stage (CIFAR-10: 20 epochs); 0 = none.',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'max_consecutive_nonfinite',
+    10,
+    'Stop the run after this many steps in a row with a NaN/Inf loss or gradient (each such '
+    'step is skipped: no update).',
+    lower_bound=1,
+  )
+
+  # Devices and compilation.
+  _define(
+    flags.DEFINE_enum,
+    'noise_seeding',
+    'global_batch',
+    list(NOISE_SEEDINGS),
+    'global_batch: every replica draws the noise of the whole global batch from (seed, step) '
+    'and keeps its slice, so the run does not depend on the number of replicas; per_replica: '
+    'fold the replica id into the step seed (cheaper, depends on the replica count).',
+  )
+  _define(
+    flags.DEFINE_bool,
+    'jit_compile',
+    False,
+    'XLA-compile the per-replica loss-and-gradient function (needs an all-GPU strategy when '
+    'there is more than one device).',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'num_cpu_devices',
+    0,
+    'Split the CPU into this many logical devices and train on them with MirroredStrategy '
+    '(multi-replica runs without GPUs); 0 = all GPUs, or the CPU when there is none.',
+    lower_bound=0,
+  )
+
+  # Eval, samples and checkpoints.
+  _define(
+    flags.DEFINE_integer,
+    'checkpoint_every',
+    2000,
+    'Save a checkpoint every this many steps (and always at the end or on interruption).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'keep_checkpoints',
+    3,
+    'Number of most recent checkpoints to keep.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'eval_every',
+    7820,
+    'Test-split ELBO bits/dim every this many steps (and at the end); 0 = only at the end.',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'eval_examples',
+    None,
+    'Test examples per evaluation (default: the whole split; 0 = no evaluation).',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'eval_batch_size',
+    None,
+    'Global batch of the evaluation (default: --global_batch_size).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'log_every',
+    100,
+    'Write training scalars (TensorBoard, metrics.jsonl) every this many steps.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'sample_every',
+    7820,
+    'Write a sample grid to TensorBoard every this many steps (and a PNG at the end); 0 = '
+    'only at the end.',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'num_grid_samples',
+    64,
+    'Samples per grid; 0 = no samples.',
+    lower_bound=0,
+  )
+  _define(
+    flags.DEFINE_float,
+    'sample_temperature',
+    1.0,
+    'Temperature of the sample grids (std of the latents; the official sampler uses 1).',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_bool,
+    'export',
+    False,
+    'After training, export a SavedModel for TF Serving to --export_dir (default: WORKDIR/export).',
+  )
+  _define(
+    flags.DEFINE_string,
+    'export_dir',
+    None,
+    'Export a SavedModel here after training (implies --export); versions are EXPORT_DIR/N.',
+  )
+  _define(flags.DEFINE_bool, 'progress_bar', True, 'Show a tqdm progress bar.')
+
+
+def define_evaluate_flags() -> None:
+  """Defines the flags of `python -m tf_denseflow.evaluate`."""
+  _define_common()
+  _define(
+    flags.DEFINE_integer,
+    'num_samples',
+    1000,
+    'Importance samples K of the IWBO (official: 1000 CIFAR-10, 200 others); 1 = the ELBO.',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer, 'batch_size', 64, 'Test images per batch (official: 64).', lower_bound=1
+  )
+  _define(
+    flags.DEFINE_integer,
+    'chunk_size',
+    50,
+    'Importance samples evaluated together: the batch is tiled this many times (official kbs: '
+    '50 at 32x32, 25 at 64x64).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'max_examples',
+    None,
+    'Evaluate only the first this many examples of the split (default: all).',
+    lower_bound=1,
+  )
+  _define(flags.DEFINE_enum, 'split', 'test', ['test', 'train'], 'Split to evaluate.')
+  _define(
+    flags.DEFINE_string,
+    'dataset',
+    None,
+    'Dataset to evaluate on (default: the one in WORKDIR/train_config.json).',
+  )
+  _define(
+    flags.DEFINE_integer,
+    'image_size',
+    None,
+    'Image size of --dataset (default: the run or dataset size).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_string,
+    'checkpoint',
+    None,
+    'Checkpoint prefix (default: the latest in WORKDIR/checkpoints).',
+  )
+  _define(
+    flags.DEFINE_string,
+    'output',
+    None,
+    'JSON result file (default: WORKDIR/eval_<split>_k<K>.json).',
+  )
+  _define(flags.DEFINE_bool, 'progress_bar', True, 'Show a tqdm progress bar.')
+
+
+def define_sample_flags() -> None:
+  """Defines the flags of `python -m tf_denseflow.sample`."""
+  _define_common()
+  _define(flags.DEFINE_integer, 'num', 64, 'Number of samples in the grid.', lower_bound=1)
+  _define(
+    flags.DEFINE_float,
+    'temperature',
+    1.0,
+    'Std of the latents (paper samples reportedly at 0.8).',
+    lower_bound=0.0,
+  )
+  _define(
+    flags.DEFINE_integer,
+    'columns',
+    None,
+    'Images per grid row (default: about sqrt(num)).',
+    lower_bound=1,
+  )
+  _define(
+    flags.DEFINE_string,
+    'out',
+    None,
+    'PNG path of the grid (default: WORKDIR/samples_t<T>_seed<S>.png).',
+  )
+  _define(
+    flags.DEFINE_string,
+    'checkpoint',
+    None,
+    'Checkpoint prefix (default: the latest in WORKDIR/checkpoints).',
+  )
+
+
+def explicitly_set(flag_values: flags.FlagValues, name: str) -> bool:
+  """Whether `name` was given on the command line, in a flagfile or set by a test."""
+  return name in flag_values and not flag_values[name].using_default_value
+
+
+def optional_value(flag_values: flags.FlagValues, name: str, default: Optional[Any] = None) -> Any:
+  """The flag's value if it is defined, else `default`."""
+  return flag_values[name].value if name in flag_values else default
