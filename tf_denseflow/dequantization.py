@@ -18,18 +18,12 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.affine_coupling import AffineCoupling
 from tf_denseflow.bijectors.conv1x1 import InvertibleConv1x1
-from tf_denseflow.bijectors.flow_bijector import sum_event
+from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob, sum_event
 from tf_denseflow.bijectors.squeeze import unsqueeze2x2
 from tf_denseflow.nn.coupling_net import ContextNetwork, DequantCouplingNetwork
 from tf_denseflow.nn.layers import Seeds
 
 __all__ = ['UniformDequantization', 'VariationalDequantization']
-
-_HALF_LOG_2PI = 0.9189385332046727
-
-
-def _std_normal_log_prob(eps):
-  return sum_event(-0.5 * tf.square(eps) - _HALF_LOG_2PI)
 
 
 class UniformDequantization(tf.Module):
@@ -134,7 +128,7 @@ class VariationalDequantization(tf.Module):
       noise = tf.random.stateless_normal(shape, seed=seed)
     hw = float(self.noise_shape[0] * self.noise_shape[1])
     e = self.loc + tf.exp(self.log_scale) * noise
-    log_q = _std_normal_log_prob(noise) - hw * tf.reduce_sum(self.log_scale)
+    log_q = std_normal_log_prob(noise) - hw * tf.reduce_sum(self.log_scale)
     for k, coupling in enumerate(self.couplings):
       e, ld = self.convs[k].inverse_and_log_det(e)
       log_q -= ld

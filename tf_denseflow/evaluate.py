@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -165,16 +164,11 @@ def evaluate_workdir(
   return record
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.workdir:
-    _fail('--workdir is required.')
+    flags_lib.fail('--workdir is required.')
   try:
     dataset = FLAGS.dataset if flags_lib.explicitly_set(FLAGS, 'dataset') else None
     data_config = workdir_data_config(FLAGS.workdir, dataset, FLAGS.data_dir)
@@ -194,9 +188,9 @@ def main(argv: Sequence[str]) -> None:
       progress_bar=FLAGS.progress_bar,
     )
   except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
+    flags_lib.fail(str(e))
   except data_lib.DatasetNotFoundError as e:
-    _fail(str(e), code=1)
+    flags_lib.fail(str(e), code=1)
   print(
     f'{FLAGS.split} bits/dim: {record["bits_per_dim"]:.4f} ({record["bound"]}, '
     f'K={record["num_samples"]}, {record["num_examples"]} examples, step {record["step"]})'
@@ -214,7 +208,7 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).replace('\n', ' '))
+    flags_lib.fail(str(e).replace('\n', ' '))
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ and `--data_dir` with the same meaning and default.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
 from absl import flags
@@ -601,6 +602,12 @@ def define_sample_flags() -> None:
     None,
     'Checkpoint prefix (default: the latest in WORKDIR/checkpoints).',
   )
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Ends an entry point with one `error: ...` line on stderr (exit 2: bad flags or input)."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
 
 
 def explicitly_set(flag_values: flags.FlagValues, name: str) -> bool:

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tf_denseflow.bijectors.flow_bijector import sum_event
+from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.dequantization import UniformDequantization, VariationalDequantization
 from tf_denseflow.flow import DenseFlowBijector
@@ -21,12 +21,6 @@ from tf_denseflow.nn.layers import Seeds
 tfd = tfp.distributions
 
 __all__ = ['DenseFlow']
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _std_normal_log_prob(t: tf.Tensor) -> tf.Tensor:
-  return sum_event(-0.5 * tf.square(t) - _HALF_LOG_2PI)
 
 
 def _check_images(images, image_shape) -> tf.Tensor:
@@ -225,12 +219,12 @@ class DenseFlow(tf.Module):
       terms[f'block{b}'] = flow_terms[f'block{b}']
       n = self.config.units_per_block[b] - 1
       terms[f'noise_block{b}'] = -tf.add_n(
-        [_std_normal_log_prob(e) for e in noise[k : k + n]] + [tf.zeros([batch])]
+        [std_normal_log_prob(e) for e in noise[k : k + n]] + [tf.zeros([batch])]
       )
       k += n
       if b < self.config.num_blocks - 1:
-        terms[f'transition{b}'] = _std_normal_log_prob(latents[b])
-    terms['base'] = flow_terms['base'] + _std_normal_log_prob(latents[-1])
+        terms[f'transition{b}'] = std_normal_log_prob(latents[b])
+    terms['base'] = flow_terms['base'] + std_normal_log_prob(latents[-1])
     terms['total'] = tf.add_n(list(terms.values()))
     return terms
 

@@ -12,7 +12,6 @@ same grid. Prints the PNG path (default `WORKDIR/samples_t<T>_seed<S>.png`).
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional, Sequence
 
 import tensorflow as tf
@@ -66,16 +65,11 @@ def sample_grid(
   return summaries.save_png(summaries.image_grid(images, columns), out)
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.workdir:
-    _fail('--workdir is required.')
+    flags_lib.fail('--workdir is required.')
   try:
     path = sample_grid(
       FLAGS.workdir,
@@ -87,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
       checkpoint=FLAGS.checkpoint,
     )
   except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
+    flags_lib.fail(str(e))
   print(path)
 
 
@@ -95,7 +89,7 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).replace('\n', ' '))
+    flags_lib.fail(str(e).replace('\n', ' '))
 
 
 def run() -> None:

@@ -59,24 +59,19 @@ def with_default_flagfile(argv: Sequence[str], default: str = DEFAULT_FLAGFILE) 
   return [argv[0], f'--flagfile={default}', *argv[1:]]
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
 def _parse(argv: List[str]) -> List[str]:
   """absl flags parser: one `error: ...` line and exit code 2 on bad flags."""
   try:
     return FLAGS(with_default_flagfile(argv))
   except (flags.Error, FileNotFoundError) as e:
-    _fail(str(e).replace('\n', ' '))
+    flags_lib.fail(str(e).replace('\n', ' '))
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.workdir:
-    _fail('--workdir is required (the run directory: checkpoints, logs, samples).')
+    flags_lib.fail('--workdir is required (the run directory: checkpoints, logs, samples).')
   import logging as std_logging
 
   from tf_denseflow import data as data_lib
@@ -89,14 +84,14 @@ def main(argv: Sequence[str]) -> None:
     train_lib.configure_cpu_devices(FLAGS.num_cpu_devices)
     config = train_lib.TrainConfig.from_flags(FLAGS)
   except (train_lib.ConfigError, ValueError) as e:
-    _fail(str(e))
+    flags_lib.fail(str(e))
   logging.info('Config: %s', config.to_json())
   try:
     result = train_lib.train(config, FLAGS.workdir)
   except train_lib.ConfigError as e:
-    _fail(str(e))
+    flags_lib.fail(str(e))
   except (train_lib.TrainingError, data_lib.DatasetNotFoundError) as e:
-    _fail(str(e), code=1)
+    flags_lib.fail(str(e), code=1)
   except KeyboardInterrupt:
     sys.exit(130)
   if result.stopped_by:

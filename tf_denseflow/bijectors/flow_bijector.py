@@ -10,6 +10,7 @@ evaluate each conditioner network once, not twice.
 from __future__ import annotations
 
 import collections
+import math
 import weakref
 from typing import Any, Tuple
 
@@ -18,7 +19,7 @@ import tensorflow_probability as tfp
 
 tfb = tfp.bijectors
 
-__all__ = ['FlowBijector', 'sum_event']
+__all__ = ['FlowBijector', 'std_normal_log_prob', 'sum_event']
 
 _MEMO_SIZE = 16
 
@@ -28,6 +29,11 @@ def sum_event(t: tf.Tensor) -> tf.Tensor:
   if t.dtype in (tf.bfloat16, tf.float16):
     t = tf.cast(t, tf.float32)
   return tf.reduce_sum(t, axis=[-3, -2, -1])
+
+
+def std_normal_log_prob(t: tf.Tensor) -> tf.Tensor:
+  """`log N(t; 0, I)` of a `[..., H, W, C]` tensor, summed over its event dimensions."""
+  return sum_event(-0.5 * tf.square(t) - 0.5 * math.log(2.0 * math.pi))
 
 
 class FlowBijector(tfb.Bijector):
