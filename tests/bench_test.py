@@ -41,7 +41,16 @@ class BenchTest(tf.test.TestCase):
     self.assertIn('img/s', result.stdout)
     with open(path) as f:
       out = json.load(f)
-    for key in ('train', 'eval', 'sample', 'peak_rss_mb', 'params', 'config', 'gflop_per_image'):
+    for key in (
+      'train',
+      'eval',
+      'sample',
+      'peak_rss_mb',
+      'params',
+      'config',
+      'gflop_per_image',
+      'sgemm_gflop_s',
+    ):
       self.assertIn(key, out)
     for phase in ('train', 'eval', 'sample'):
       self.assertNotIn('error', out[phase])
@@ -53,6 +62,8 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['config']['image_shape'], [16, 16, 3])
     self.assertEqual(out['preset'], 'tiny')
     self.assertGreater(out['peak_rss_mb'], 0.0)
+    self.assertGreater(out['sgemm_gflop_s'], 0.0)
+    self.assertIn('2048^3 fp32 matmul', result.stdout)
     flops = out['gflop_per_image']
     self.assertGreater(flops['eval'], 0.0)
     self.assertAllClose(flops['train'], 3.0 * flops['eval'])

@@ -138,6 +138,28 @@ class BatchNormTest(tf.test.TestCase):
       self.assertAllClose(layer.moving_mean, mean, atol=1e-5)
       self.assertAllClose(layer.moving_variance, var, atol=1e-5)
 
+  def test_collected_updates_equal_assigned_updates_and_assign_nothing(self):
+    x = tf.random.stateless_normal([4, 3, 3, 2], seed=[5, 1]) * 2.0 + 1.0
+    assigned = nn.BatchNorm(2)
+    want_y = [assigned(x, training=True), assigned(2.0 * x, training=True)]
+    collected = nn.BatchNorm(2)
+    other = nn.BatchNorm(2)
+    with nn.collect_batch_norm_updates() as updates:
+      got_y = [collected(x, training=True), collected(2.0 * x, training=True)]
+      updates.freeze()
+      collected(5.0 * x, training=True)  # a recomputation: ignored
+    self.assertAllClose(got_y, want_y)
+    self.assertAllEqual(collected.moving_mean, tf.zeros([2]))
+    self.assertAllEqual(collected.moving_variance, tf.ones([2]))
+    mean, variance, other_mean, other_variance = updates.new_values([collected, other])
+    self.assertAllClose(mean, assigned.moving_mean, atol=1e-6)
+    self.assertAllClose(variance, assigned.moving_variance, atol=1e-6)
+    self.assertAllEqual(other_mean, tf.zeros([2]))
+    self.assertAllEqual(other_variance, tf.ones([2]))
+    # Outside the context, training assigns again.
+    collected(x, training=True)
+    self.assertNotAllClose(collected.moving_mean, tf.zeros([2]))
+
   def test_inference_uses_running_stats_and_leaves_them(self):
     layer = nn.BatchNorm(2)
     layer.moving_mean.assign([1.0, -1.0])
@@ -169,6 +191,60 @@ class ConvTest(tf.test.TestCase, parameterized.TestCase):
     x = tf.random.stateless_normal([2, 4, 4, 3], seed=[2, 1])
     want = tf.nn.conv2d(x, layer.kernel, strides, padding.upper()) + layer.bias
     self.assertAllClose(layer(x), want, atol=1e-5)
+
+  @parameterized.named_parameters(('1x1', 1, 1, 'same'), ('3x3', 3, 1, 'same'))
+  def test_relu_activation(self, size, strides, padding):
+    layer = nn.Conv(3, 5, size, activation='relu', seeds=nn.Seeds(1))
+    x = tf.random.stateless_normal([2, 4, 4, 3], seed=[2, 1])
+    want = tf.nn.relu(tf.nn.conv2d(x, layer.kernel, strides, padding.upper()) + layer.bias)
+    self.assertAllClose(layer(x), want, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, 'activation'):
+      nn.Conv(3, 5, 1, activation='gelu')
+
+  @parameterized.named_parameters(
+    ('wide_to_narrow', [2, 5, 4, 7], 3),
+    ('narrow_to_wide', [3, 4, 4, 2], 6),
+    ('1x1_image', [2, 1, 1, 4], 3),
+  )
+  def test_conv3x3_same_gradients_equal_conv2d_gradients(self, x_shape, out_channels):
+    # float64: the tap-matrix gradients must equal TF's Conv2DBackpropFilter/Input to roundoff.
+    x = tf.random.stateless_normal(x_shape, seed=[3, 1], dtype=tf.float64)
+    kernel = tf.random.stateless_normal(
+      [3, 3, x_shape[-1], out_channels], seed=[3, 2], dtype=tf.float64
+    )
+    upstream = tf.random.stateless_normal(
+      x_shape[:-1] + [out_channels], seed=[3, 3], dtype=tf.float64
+    )
+
+    def grads(conv):
+      with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        loss = tf.reduce_sum(conv(x, kernel) * upstream)
+      return tape.gradient(loss, [x, kernel])
+
+    want = grads(lambda a, k: tf.nn.conv2d(a, k, 1, 'SAME'))
+    got = grads(nn.conv3x3_same)
+    self.assertAllClose(nn.conv3x3_same(x, kernel), tf.nn.conv2d(x, kernel, 1, 'SAME'), atol=1e-12)
+    self.assertAllClose(got[0], want[0], atol=1e-10)
+    self.assertAllClose(got[1], want[1], atol=1e-10)
+
+  def test_conv3x3_same_jacobian_in_a_function(self):
+    # Jacobians (pfor over the custom gradient) and unknown batch size inside tf.function.
+    kernel = tf.random.stateless_normal([3, 3, 2, 3], seed=[4, 1], dtype=tf.float64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, 3, 2], tf.float64)])
+    def jacobian(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = nn.conv3x3_same(x, kernel)
+      return tape.batch_jacobian(y, x), tf.nn.conv2d(x, kernel, 1, 'SAME')
+
+    x = tf.random.stateless_normal([2, 3, 3, 2], seed=[4, 2], dtype=tf.float64)
+    jac, _ = jacobian(x)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = tf.nn.conv2d(x, kernel, 1, 'SAME')
+    self.assertAllClose(jac, tape.batch_jacobian(y, x), atol=1e-10)
 
   def test_pytorch_default_init_and_zero_init(self):
     layer = nn.Conv(6, 4, 3, seeds=nn.Seeds(3))

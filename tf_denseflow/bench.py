@@ -8,9 +8,11 @@ python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 \
 Random uint8 images, one device. Each phase is one `tf.function` (traced and compiled during the
 warm-up calls, which are excluded), timed per call (outputs fetched to the host, so GPU work is
 included) and summarised by the median:
-- `train`: single-sample ELBO in bits/dim with `training=True` (batch statistics, running-stat
-  updates), its gradient, and a `keras.optimizers.Adamax` update. `--jit_compile` compiles the
-  loss-and-gradient function with XLA; the optimizer update stays outside it.
+- `train`: the training loop's step (`train_step.make_train_step` on the default strategy):
+  single-sample ELBO with `training=True` (batch statistics), its gradient, the finiteness guard,
+  a `keras.optimizers.Adamax` update and the batch-norm running-statistics update.
+  `--jit_compile` compiles the loss-and-gradient function with XLA; the noise draws and the
+  update stay outside it.
 - `eval`: the ELBO with `training=False` (as evaluation runs it, one sample).
 - `sample`: `model.sample(batch_size)`.
 
@@ -21,12 +23,17 @@ forward pass (forward + backward), the usual estimate; the gradient graph itself
 (backward convolutions have no registered statistics). For reference, the official model's
 conv/matmul cost at 32x32 is 2.32 GMAC per image for `small` and 16.35 GMAC for DenseFlow-74-10;
 the profiler gives 2.324 GMAC (4.647 GFLOP) per image for `small` at 32x32.
+
+This machine kind's speed drifts (shared cores): each run also times a 2048^3 fp32 matmul
+(`sgemm_gflop_s`, best of 5) so runs can be compared as fractions of the machine's GEMM speed at
+the time (performance.md: ~210 GFLOP/s on an idle machine).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -105,6 +112,21 @@ def _time_phase(call: Callable[[int], Any], warmup: int, steps: int) -> Dict[str
   return result
 
 
+def sgemm_gflop_s(size: int = 2048, repeats: int = 5) -> float:
+  """Best-of-`repeats` GFLOP/s of a `size`^3 fp32 matmul in a `tf.function` (calibration)."""
+  import tensorflow as tf
+
+  a = tf.random.stateless_normal([size, size], seed=[0, 0])
+  matmul = tf.function(lambda x: tf.matmul(x, x), autograph=False)
+  matmul(a).numpy()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).numpy()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best / 1e9
+
+
 def _device_info() -> Dict[str, Any]:
   import tensorflow as tf
 
@@ -148,6 +170,8 @@ def run_benchmark(
   import keras
   import tensorflow as tf
 
+  from tf_denseflow import train_lib
+  from tf_denseflow import train_step as train_step_lib
   from tf_denseflow.model import DenseFlow
 
   if batch_size <= 0 or steps <= 0 or warmup <= 0:
@@ -167,20 +191,28 @@ def run_benchmark(
   variables = model.trainable_variables
   optimizer = keras.optimizers.Adamax(learning_rate=1e-3)
   optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
-  scale = config.bits_per_dim_scale
 
-  def loss_and_grads(images, step_seed):
-    with tf.GradientTape() as tape:
-      loss = -tf.reduce_mean(model.elbo(images, step_seed, training=True)) * scale
-    return loss, tape.gradient(loss, variables)
-
-  grad_fn = tf.function(loss_and_grads, jit_compile=jit_compile, autograph=False)
-
-  @tf.function(autograph=False)
-  def train_step(images, step_seed):
-    loss, grads = grad_fn(images, step_seed)
-    optimizer.apply_gradients(zip(grads, variables))
-    return loss
+  # The training loop's own step (train_step.make_train_step) on the default strategy: noise
+  # drawn outside the (optionally XLA-compiled) loss-and-gradient function, batch-norm
+  # statistics recorded and assigned with the update, finiteness guard.
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
+  train_step = train_step_lib.make_train_step(
+    tf.distribute.get_strategy(),
+    model,
+    optimizer,
+    variables,
+    lambda images, s, replica: train_lib.replica_noise(model, s, replica, batch_size, batch_size),
+    lambda images, noise: train_lib.nll_given_noise(model, images, noise, training=True),
+    batch_size,
+    step,
+    skipped,
+    seed_fn=lambda s: train_lib.step_seed(seed, s),
+    learning_rate_fn=lambda s: tf.constant(1e-3),
+    jit_compile=jit_compile,
+  )
+  iterator = iter(tf.data.Dataset.from_tensor_slices(tf.stack(batches)).repeat())
+  one = tf.constant(1.0)
 
   eval_fn = tf.function(
     lambda images, s: model.elbo(images, s), jit_compile=jit_compile, autograph=False
@@ -193,7 +225,7 @@ def run_benchmark(
     return tf.constant([seed, i], tf.int64)
 
   phases = {
-    'train': _time_phase(lambda i: train_step(batches[i % 2], seed_of(i)), warmup, steps),
+    'train': _time_phase(lambda i: train_step(iterator, one), warmup, steps),
     'eval': _time_phase(lambda i: eval_fn(batches[i % 2], seed_of(i)), warmup, steps),
     'sample': _time_phase(lambda i: sample_fn(seed_of(i)), warmup, steps),
   }
@@ -219,11 +251,13 @@ def run_benchmark(
           phase['gflop_s'] = flops[name] * phase['img_s']
 
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
   result = {
     'train': phases['train'],
     'eval': phases['eval'],
     'sample': phases['sample'],
     'peak_rss_mb': rss_mb,
+    'sgemm_gflop_s': gemm,
     'params': model.num_parameters(),
     'config': dataclasses.asdict(config),
     'gflop_per_image': flops,
@@ -267,6 +301,11 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
     f'peak RSS {result["peak_rss_mb"]:.0f} MB'
     + (f', peak GPU memory {result["peak_gpu_mb"]:.0f} MB' if 'peak_gpu_mb' in result else '')
   )
+  gemm = result.get('sgemm_gflop_s')
+  if gemm:
+    train = result['train'].get('gflop_s')
+    share = f'; the train step runs at {100 * train / gemm:.0f}% of it' if train else ''
+    lines.append(f'machine: 2048^3 fp32 matmul {gemm:.0f} GFLOP/s{share}')
   if flops:
     lines.append(f'FLOPs: {flops["source"]}')
   return '\n'.join(lines)

@@ -423,8 +423,8 @@ def define_flags() -> None:
     flags.DEFINE_bool,
     'jit_compile',
     False,
-    'XLA-compile the per-replica loss-and-gradient function (needs an all-GPU strategy when '
-    'there is more than one device).',
+    'XLA-compile the per-replica loss-and-gradient function (GPU or CPU devices; see '
+    'docs/benchmarks.md for when it pays off).',
   )
   _define(
     flags.DEFINE_integer,

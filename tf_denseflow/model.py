@@ -16,7 +16,7 @@ from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.dequantization import UniformDequantization, VariationalDequantization
 from tf_denseflow.flow import DenseFlowBijector
-from tf_denseflow.nn.layers import Seeds
+from tf_denseflow.nn.layers import BatchNorm, Seeds
 
 tfd = tfp.distributions
 
@@ -138,6 +138,18 @@ class DenseFlow(tf.Module):
         if id(v) not in seen:
           seen.add(id(v))
           out.append(v)
+    return out
+
+  @property
+  def batch_norm_layers(self) -> list:
+    """Every `nn.BatchNorm` layer of the networks, in a deterministic order."""
+    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
+    out, seen = [], set()
+    for layer in layers:
+      for sub in [layer, *layer._flatten_layers(include_self=False)]:
+        if isinstance(sub, BatchNorm) and id(sub) not in seen:
+          seen.add(id(sub))
+          out.append(sub)
     return out
 
   def num_parameters(self) -> int:

@@ -12,12 +12,12 @@ WORKDIR/metrics.jsonl          one JSON line per log/eval point (step, wall-cloc
 WORKDIR/samples_stepN.png      the final sample grid
 ```
 
-The step, per replica (DESIGN.md section 6):
+The step (DESIGN.md section 6; built by `train_step.make_train_step`):
 ```
 nll   = -elbo(images, noise)                      # [per-replica batch], nats, training=True
 loss  = compute_average_loss(nll, global_batch)   # SUM over replicas = global mean
 grads = all_reduce(SUM, d loss / d weights)       # once; checked, measured, then applied
-update if loss and grads are finite, else skip (BN running statistics restored as well)
+update if loss and grads are finite, else skip (BN running statistics only assigned on update)
 ```
 
 Randomness is stateless. The step's seed is `fold_in((seed, 1), step)`. With
@@ -56,6 +56,7 @@ from absl import logging
 from tf_denseflow import data as data_lib
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import summaries
+from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.dequantization import UniformDequantization
@@ -75,7 +76,9 @@ __all__ = [
   'load_train_config',
   'make_strategy',
   'model_config_from_flags',
+  'nll_given_noise',
   'per_example_nll',
+  'replica_noise',
   'step_seed',
   'train',
 ]
@@ -465,6 +468,38 @@ def _global_batch_noise(model: DenseFlow, seed, global_batch: int, offset, size)
   return u[offset : offset + size], [n[offset : offset + size] for n in noise]
 
 
+def replica_noise(
+  model: DenseFlow,
+  seed: tf.Tensor,
+  replica_id,
+  global_batch: int,
+  size: int,
+  noise_seeding: str = 'global_batch',
+) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+  """The dequantization and augmentation noise of one replica's `size` examples.
+
+  'global_batch': rows `replica_id * size ...` of the noise of the whole global batch drawn from
+  `seed` (example j's noise does not depend on the replica count); 'per_replica': the draws of
+  `model.elbo(images, fold_in(seed, replica_id))`.
+
+  Drawn by TF's kernels outside any XLA cluster (XLA's stateless generators give other numbers
+  for the same seed), so `--jit_compile` does not change the noise.
+  """
+  replica_id = tf.cast(replica_id, tf.int64)
+  if noise_seeding == 'per_replica':
+    return _global_batch_noise(
+      model, tf.random.experimental.stateless_fold_in(seed, replica_id), size, 0, size
+    )
+  return _global_batch_noise(model, seed, global_batch, replica_id * size, size)
+
+
+def nll_given_noise(model: DenseFlow, images, noise, training: bool) -> tf.Tensor:
+  """`-elbo` in nats, `[B]`, with the noise `(u, [noise_1, ...])` of `replica_noise`."""
+  u, augmentation = noise
+  terms = model.log_likelihood_terms(images, training=training, dequant_noise=u, noise=augmentation)
+  return -terms['total']
+
+
 def per_example_nll(
   model: DenseFlow,
   images: tf.Tensor,
@@ -489,17 +524,11 @@ def per_example_nll(
   Returns:
     `-elbo`, `[B]`.
   """
-  replica_id = tf.cast(replica_id, tf.int64)
-  if noise_seeding == 'per_replica':
-    return -model.elbo(
-      images, tf.random.experimental.stateless_fold_in(seed, replica_id), training=training
-    )
   size = images.shape[0]
   if size is None:
     raise ValueError('per_example_nll needs a static batch size.')
-  u, noise = _global_batch_noise(model, seed, global_batch, replica_id * size, size)
-  terms = model.log_likelihood_terms(images, training=training, dequant_noise=u, noise=noise)
-  return -terms['total']
+  noise = replica_noise(model, seed, replica_id, global_batch, size, noise_seeding)
+  return nll_given_noise(model, images, noise, training)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -670,13 +699,6 @@ def train(
     raise ConfigError(
       f'--eval_batch_size={eval_batch} is not divisible by the {replicas} replicas.'
     )
-  if config.jit_compile and not all('GPU' in d.upper() for d in devices):
-    # MirroredStrategy drops merge_call inside XLA only when every device is a GPU; on CPU the
-    # batch-norm running-statistics update (a MEAN-aggregated assign) cannot be compiled.
-    raise ConfigError(
-      '--jit_compile needs GPUs: on CPU devices MirroredStrategy synchronises the batch-norm '
-      'statistics with merge_call, which a jit-compiled function cannot contain.'
-    )
   per_replica_batch = global_batch // replicas
   resuming = _prepare_workdir(workdir, config)
   logging.info('Training on %d replica(s): %s', replicas, ', '.join(devices))
@@ -699,7 +721,6 @@ def train(
     optimizer = _Adamax(learning_rate=lambda: schedule(step), epsilon=config.optim.adamax_epsilon)
     trainable = model.trainable_variables
     optimizer.build(trainable)
-  batch_stats = [v for v in model.non_trainable_keras_variables if tf.as_dtype(v.dtype).is_floating]
   checkpoint = tf.train.Checkpoint(
     model=model, optimizer=optimizer, step=step, nonfinite_steps=nonfinite_total
   )
@@ -735,62 +756,22 @@ def train(
   iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
 
   # ----------------------------------------------------------------- Update step
-
-  def loss_and_grads(images, seed, replica_id, multiplier):
-    with tf.GradientTape() as tape:
-      nll = per_example_nll(
-        model, images, seed, replica_id, global_batch, True, config.noise_seeding
-      )
-      loss = tf.nn.compute_average_loss(nll, global_batch_size=global_batch) * multiplier
-    grads = tape.gradient(loss, trainable)
-    return loss, [tf.zeros_like(v) if g is None else g for g, v in zip(grads, trainable)]
-
-  if config.jit_compile:
-    # XLA on the per-replica math only (ecosystem.md 5.1); the update stays outside.
-    loss_and_grads = tf.function(loss_and_grads, jit_compile=True, autograph=False)
-
-  def apply_if_finite(distribution, grads, finite):
-    # A cond whose branch synchronises (the optimizer's merge_call) must run in cross-replica
-    # context (as keras LossScaleOptimizer does); `finite` is the same on every replica.
-    def apply():
-      distribution.extended.call_for_each_replica(
-        lambda g: optimizer.apply(g, trainable), args=(grads,)
-      )
-      return tf.constant(True)
-
-    return tf.cond(
-      distribution.experimental_local_results(finite)[0], apply, lambda: tf.constant(False)
-    )
-
-  def replica_step(images, seed, multiplier):
-    ctx = tf.distribute.get_replica_context()
-    loss, grads = loss_and_grads(images, seed, ctx.replica_id_in_sync_group, multiplier)
-    loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
-    finite = tf.math.is_finite(loss) & tf.reduce_all(
-      [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-    )
-    ctx.merge_call(apply_if_finite, args=(grads, finite))
-    return loss, tf.linalg.global_norm(grads), finite
-
-  @tf.function(autograph=False)
-  def train_step(iterator, multiplier):
-    seed = step_seed(config.seed, step)
-    learning_rate = schedule(step)
-    stats_before = [tf.identity(v) for v in batch_stats]
-    loss, grad_norm, finite = strategy.run(replica_step, args=(next(iterator), seed, multiplier))
-    first = strategy.experimental_local_results
-    loss, grad_norm, finite = first(loss)[0], first(grad_norm)[0], first(finite)[0]
-
-    def restore_stats():
-      # A skipped step leaves no trace: undo its batch-norm running-statistics updates too.
-      for v, before in zip(batch_stats, stats_before):
-        v.assign(before)
-      nonfinite_total.assign_add(1)
-      return tf.constant(False)
-
-    tf.cond(finite, lambda: tf.constant(True), restore_stats)
-    step.assign_add(1)
-    return {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, 'learning_rate': learning_rate}
+  train_step = train_step_lib.make_train_step(
+    strategy,
+    model,
+    optimizer,
+    trainable,
+    lambda images, seed, replica_id: replica_noise(
+      model, seed, replica_id, global_batch, images.shape[0], config.noise_seeding
+    ),
+    lambda images, noise: nll_given_noise(model, images, noise, training=True),
+    global_batch,
+    step,
+    nonfinite_total,
+    seed_fn=lambda s: step_seed(config.seed, s),
+    learning_rate_fn=schedule,
+    jit_compile=config.jit_compile,
+  )
 
   # ----------------------------------------------------------------- Evaluation and samples
   eval_dataset = None

@@ -8,10 +8,19 @@ from tf_denseflow.nn.coupling_net import (
   DequantCouplingNetwork,
 )
 from tf_denseflow.nn.dense_net import DenseConvBlock, DenseLayer, GatedConv
-from tf_denseflow.nn.layers import BatchNorm, Conv, Layer, Seeds
+from tf_denseflow.nn.layers import (
+  BatchNorm,
+  BatchNormUpdates,
+  Conv,
+  Layer,
+  Seeds,
+  collect_batch_norm_updates,
+  conv3x3_same,
+)
 
 __all__ = [
   'BatchNorm',
+  'BatchNormUpdates',
   'ContextNetwork',
   'Conv',
   'CouplingNetwork',
@@ -23,4 +32,6 @@ __all__ = [
   'Layer',
   'NystromAttention',
   'Seeds',
+  'collect_batch_norm_updates',
+  'conv3x3_same',
 ]

@@ -76,14 +76,16 @@ class CrossUnitNetwork(Layer):
 
   def __init__(self, in_channels, growth, compute_dtype='float32', seeds=None, name=None):
     super().__init__(name=name)
-    self.hidden = Conv(in_channels, 4 * in_channels, 3, compute_dtype=compute_dtype, seeds=seeds)
+    self.hidden = Conv(
+      in_channels, 4 * in_channels, 3, compute_dtype=compute_dtype, seeds=seeds, activation='relu'
+    )
     self.out = Conv(
       4 * in_channels, 2 * growth, 1, zero_init=True, compute_dtype=compute_dtype, seeds=seeds
     )
     self.built = True
 
   def call(self, x):
-    return tf.cast(self.out(tf.nn.relu(self.hidden(x))), tf.float32)
+    return tf.cast(self.out(self.hidden(x)), tf.float32)
 
 
 class ContextNetwork(Layer):

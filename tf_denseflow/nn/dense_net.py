@@ -19,12 +19,13 @@ class DenseLayer(Layer):
 
   def __init__(self, channels, growth, compute_dtype='float32', seeds=None, name=None):
     super().__init__(name=name)
-    self.conv_in = Conv(channels, channels, 1, compute_dtype=compute_dtype, seeds=seeds)
-    self.conv_out = Conv(channels, growth, 3, compute_dtype=compute_dtype, seeds=seeds)
+    cd = compute_dtype
+    self.conv_in = Conv(channels, channels, 1, compute_dtype=cd, seeds=seeds, activation='relu')
+    self.conv_out = Conv(channels, growth, 3, compute_dtype=cd, seeds=seeds, activation='relu')
     self.built = True
 
   def call(self, x):
-    h = tf.nn.relu(self.conv_out(tf.nn.relu(self.conv_in(x))))
+    h = self.conv_out(self.conv_in(x))
     return tf.concat([tf.cast(x, h.dtype), h], axis=-1)
 
 

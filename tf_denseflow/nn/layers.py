@@ -8,13 +8,25 @@ float32 and are cast on use.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional
+import threading
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
-__all__ = ['Layer', 'Seeds', 'Conv', 'BatchNorm', 'torch_uniform', 'zeros']
+__all__ = [
+  'BatchNorm',
+  'BatchNormUpdates',
+  'Conv',
+  'Layer',
+  'Seeds',
+  'collect_batch_norm_updates',
+  'conv3x3_same',
+  'torch_uniform',
+  'zeros',
+]
 
 Layer = keras.layers.Layer
 
@@ -49,10 +61,50 @@ def zeros(shape, dtype=None):
   return tf.zeros(shape, dtype or tf.float32)
 
 
-class Conv(Layer):
-  """2-D convolution, NHWC, with PyTorch's default init or zeros.
+def _shifted_taps(dy: tf.Tensor) -> tf.Tensor:
+  """`[N*H*W, 9*C]`: column block `3i+j` holds `dy` shifted by `(1-i, 1-j)` (zero filled)."""
+  height, width, channels = dy.shape[1], dy.shape[2], dy.shape[3]
+  padded = tf.pad(dy, [[0, 0], [1, 1], [1, 1], [0, 0]])
+  taps = [
+    padded[:, 2 - i : 2 - i + height, 2 - j : 2 - j + width, :] for i in range(3) for j in range(3)
+  ]
+  return tf.reshape(tf.concat(taps, axis=-1), [-1, 9 * channels])
 
-  1x1 convolutions with stride 1 run as a matmul on the `[N*H*W, C]` view (faster on CPU).
+
+@tf.custom_gradient
+def conv3x3_same(x: tf.Tensor, kernel: tf.Tensor):
+  """`tf.nn.conv2d(x, kernel, 1, 'SAME')` for a 3x3 kernel, with a faster gradient on CPU.
+
+  Forward is the library convolution. With `y[q] = sum_{i,j} x[q + (i-1, j-1)] W[i, j]`, both
+  gradients are one matmul each over the same tap matrix `T` (`[N*H*W, 9*C_out]`, the upstream
+  gradient `dy` shifted by each tap, `T[q, (i, j, o)] = dy[q - (i-1, j-1), o]`):
+  ```
+  dW[i, j, c, o] = sum_q x[q, c] T[q, (i, j, o)]          (dW = x^T T)
+  dx[q, c]       = sum_{i,j,o} T[q, (i, j, o)] W[i, j, c, o]  (dx = T W^T)
+  ```
+  The tap matrix has only `9 * C_out` columns (the dense layers' 3x3 convs map many channels to
+  a few), and the two matmuls run near the CPU's GEMM peak; TF's Conv2DBackpropFilter/Input
+  kernels reach about half of it on these shapes (docs/benchmarks.md). H and W must be static.
+  """
+  y = tf.nn.conv2d(x, kernel, 1, 'SAME')
+
+  def grad(dy):
+    c_in, c_out = kernel.shape[2], kernel.shape[3]
+    taps = _shifted_taps(dy)
+    d_kernel = tf.matmul(taps, tf.reshape(x, [-1, c_in]), transpose_a=True)  # [9*C_out, C_in]
+    d_kernel = tf.transpose(tf.reshape(d_kernel, [3, 3, c_out, c_in]), [0, 1, 3, 2])
+    flipped = tf.reshape(tf.transpose(kernel, [0, 1, 3, 2]), [9 * c_out, c_in])
+    dx = tf.reshape(tf.matmul(taps, flipped), tf.shape(x))
+    return dx, d_kernel
+
+  return y, grad
+
+
+class Conv(Layer):
+  """2-D convolution, NHWC, with PyTorch's default init or zeros, and an optional ReLU.
+
+  1x1 convolutions with stride 1 run as a matmul on the `[N*H*W, C]` view, and 3x3 'same'
+  convolutions with stride 1 differentiate through `conv3x3_same` (both faster on CPU).
   """
 
   def __init__(
@@ -66,9 +118,13 @@ class Conv(Layer):
     zero_init: bool = False,
     compute_dtype: str = 'float32',
     seeds: Optional[Seeds] = None,
+    activation: Optional[str] = None,
     name: Optional[str] = None,
   ):
     super().__init__(name=name)
+    if activation not in (None, 'relu'):
+      raise ValueError(f"`activation` must be None or 'relu', got {activation!r}.")
+    self.activation = activation
     self.in_channels = int(in_channels)
     self.out_channels = int(out_channels)
     self.kernel_size = int(kernel_size)
@@ -100,23 +156,118 @@ class Conv(Layer):
     dtype = tf.as_dtype(self.compute_dtype_name)
     x = tf.cast(x, dtype)
     kernel = tf.cast(self.kernel, dtype)
+    bias = None if self.bias is None else tf.cast(self.bias, dtype)
     if self.kernel_size == 1 and self.strides == 1:
+      # Bias and activation on the flat view, so grappler fuses them into the matmul.
       flat = tf.reshape(x, [-1, self.in_channels])
       y = tf.matmul(flat, tf.reshape(kernel, [self.in_channels, self.out_channels]))
-      y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_channels]], 0))
+      y = self._bias_and_activation(y, bias)
+      return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_channels]], 0))
+    if (
+      self.kernel_size == 3
+      and self.strides == 1
+      and self.padding == 'SAME'
+      and x.shape.rank == 4
+      and x.shape[1] is not None
+      and x.shape[2] is not None
+    ):
+      y = conv3x3_same(x, kernel)
     else:
       y = tf.nn.conv2d(x, kernel, strides=self.strides, padding=self.padding)
-    if self.bias is not None:
-      y = tf.nn.bias_add(y, tf.cast(self.bias, dtype))
+    return self._bias_and_activation(y, bias)
+
+  def _bias_and_activation(self, y, bias):
+    if bias is not None:
+      y = tf.nn.bias_add(y, bias)
+    if self.activation == 'relu':
+      y = tf.nn.relu(y)
     return y
+
+
+class BatchNormUpdates:
+  """Running-statistics updates recorded by `BatchNorm(training=True)` instead of assigned.
+
+  Made by `collect_batch_norm_updates()`. Each recorded call chains on the previous one of the
+  same layer, `r <- (1 - momentum) r + momentum * batch`, starting from the variable's value, so
+  applying `new_values` equals the assignments the calls would have made. After `freeze()`
+  further calls record nothing (a gradient's recomputation replays the forward pass).
+  """
+
+  def __init__(self):
+    self._values: Dict[int, Tuple[BatchNorm, tf.Tensor, tf.Tensor]] = {}
+    self.frozen = False
+
+  def freeze(self) -> None:
+    """Ignores every later call (use before `tape.gradient` with `tf.recompute_grad`)."""
+    self.frozen = True
+
+  def record(self, layer: BatchNorm, mean: tf.Tensor, unbiased_variance: tf.Tensor) -> None:
+    if self.frozen:
+      return
+    _, old_mean, old_variance = self._values.get(
+      id(layer), (layer, layer.moving_mean.value, layer.moving_variance.value)
+    )
+    m = layer.momentum
+    self._values[id(layer)] = (
+      layer,
+      (1.0 - m) * old_mean + m * tf.stop_gradient(mean),
+      (1.0 - m) * old_variance + m * tf.stop_gradient(unbiased_variance),
+    )
+
+  def new_values(self, layers: Sequence[BatchNorm]) -> List[tf.Tensor]:
+    """`[mean_0, variance_0, mean_1, ...]` for `layers` (unrecorded ones: their current values)."""
+    out = []
+    for layer in layers:
+      _, mean, variance = self._values.get(
+        id(layer), (layer, layer.moving_mean.value, layer.moving_variance.value)
+      )
+      out.extend([tf.identity(mean), tf.identity(variance)])
+    return out
+
+
+_COLLECTORS = threading.local()
+
+
+@contextlib.contextmanager
+def collect_batch_norm_updates() -> Iterator[BatchNormUpdates]:
+  """Within this context `BatchNorm(training=True)` records, not assigns, its running statistics.
+
+  A training step that must not assign inside its loss function uses it: a replica function of
+  `tf.distribute.MirroredStrategy` (a MEAN-aggregated assign there needs a `merge_call`, which an
+  XLA-compiled function cannot hold), or a loss under `tf.recompute_grad` (whose recomputation
+  would update the statistics a second time):
+  ```
+  with collect_batch_norm_updates() as updates:
+    with tf.GradientTape() as tape:
+      loss = ...
+    updates.freeze()
+    grads = tape.gradient(loss, variables)
+  values = updates.new_values(layers)   # assign later, e.g. all-reduced across replicas
+  ```
+  """
+  stack = getattr(_COLLECTORS, 'stack', None)
+  if stack is None:
+    stack = _COLLECTORS.stack = []
+  updates = BatchNormUpdates()
+  stack.append(updates)
+  try:
+    yield updates
+  finally:
+    stack.pop()
+
+
+def _active_collector() -> Optional[BatchNormUpdates]:
+  stack = getattr(_COLLECTORS, 'stack', None)
+  return stack[-1] if stack else None
 
 
 class BatchNorm(Layer):
   """Batch normalisation over N, H, W with PyTorch's semantics (eps 1e-5, momentum 0.1).
 
   Training: normalise with the batch's biased variance; update the running mean and the running
-  *unbiased* variance as `r = (1 - momentum) * r + momentum * batch`. Evaluation: running stats.
-  Statistics are computed in float32 whatever the input dtype.
+  *unbiased* variance as `r = (1 - momentum) * r + momentum * batch` (assigned at once, or
+  recorded inside `collect_batch_norm_updates()`). Evaluation: running stats. Statistics are
+  computed in float32 whatever the input dtype.
   """
 
   def __init__(
@@ -151,9 +302,15 @@ class BatchNorm(Layer):
       mean, variance = tf.nn.moments(x32, axes=[0, 1, 2])
       count = tf.cast(tf.reduce_prod(tf.shape(x32)[:-1]), tf.float32)
       unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-      m = self.momentum
-      self.moving_mean.assign((1.0 - m) * self.moving_mean + m * tf.stop_gradient(mean))
-      self.moving_variance.assign((1.0 - m) * self.moving_variance + m * tf.stop_gradient(unbiased))
+      collector = _active_collector()
+      if collector is not None:
+        collector.record(self, mean, unbiased)
+      else:
+        m = self.momentum
+        self.moving_mean.assign((1.0 - m) * self.moving_mean + m * tf.stop_gradient(mean))
+        self.moving_variance.assign(
+          (1.0 - m) * self.moving_variance + m * tf.stop_gradient(unbiased)
+        )
     else:
       mean, variance = self.moving_mean, self.moving_variance
     y = tf.nn.batch_normalization(x32, mean, variance, self.beta, self.gamma, self.epsilon)

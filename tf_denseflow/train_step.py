@@ -1,0 +1,152 @@
+"""The distributed training step: per-replica loss and gradient, one all-reduce, a guarded update.
+
+```
+per replica (optionally XLA-compiled; nothing in it assigns or synchronises):
+  nll   = -elbo(images, noise)                        # [per-replica batch], nats, training=True
+  loss  = compute_average_loss(nll, global_batch)     # SUM over replicas = global mean
+  grads = d loss / d weights
+  bn    = running statistics after this batch         # recorded, not assigned
+all_reduce: SUM(loss, grads), MEAN(bn)
+cross-replica, only if loss and grads are finite:  optimizer.apply(grads); assign bn
+```
+
+Batch-norm running statistics are recorded by `nn.collect_batch_norm_updates` rather than
+assigned in the forward pass. That keeps the replica function free of `merge_call` (so
+`jit_compile` works on CPU devices as well as GPUs), keeps `tf.recompute_grad`'s recomputation
+from updating them a second time, and lets a skipped (non-finite) step leave no trace. The
+all-reduced MEAN equals what MirroredStrategy's MEAN-aggregated assignment did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_denseflow.model import DenseFlow
+from tf_denseflow.nn.layers import collect_batch_norm_updates
+
+__all__ = ['make_train_step', 'replica_loss_and_grads']
+
+
+def replica_loss_and_grads(
+  model: DenseFlow,
+  variables: Sequence[tf.Variable],
+  nll_fn: Callable[[], tf.Tensor],
+  global_batch: int,
+  multiplier,
+):
+  """Loss, gradients and the batch-norm statistics after this batch, assigning nothing.
+
+  Args:
+    model: the flow (its `batch_norm_layers` give the order of the statistics).
+    variables: the variables to differentiate.
+    nll_fn: computes the per-example negative ELBO `[B]` (with `training=True`).
+    global_batch: examples in the global batch (the loss is their mean over all replicas).
+    multiplier: scales the loss (1.0; NaN in tests of the non-finite guard).
+
+  Returns:
+    `(loss, grads, bn_values)`: `grads` has zeros for unconnected variables; `bn_values` is
+    `[mean_0, variance_0, mean_1, ...]` in `model.batch_norm_layers` order.
+  """
+  with collect_batch_norm_updates() as updates:
+    with tf.GradientTape() as tape:
+      nll = nll_fn()
+      loss = tf.nn.compute_average_loss(nll, global_batch_size=global_batch) * multiplier
+    updates.freeze()  # tf.recompute_grad replays the forward pass during tape.gradient
+    grads = tape.gradient(loss, variables)
+  grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+  return loss, grads, updates.new_values(model.batch_norm_layers)
+
+
+def make_train_step(
+  strategy: tf.distribute.Strategy,
+  model: DenseFlow,
+  optimizer: keras.optimizers.Optimizer,
+  variables: Sequence[tf.Variable],
+  noise_fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], Any],
+  nll_fn: Callable[[tf.Tensor, Any], tf.Tensor],
+  global_batch: int,
+  step: tf.Variable,
+  nonfinite_total: tf.Variable,
+  seed_fn: Callable[[tf.Variable], tf.Tensor],
+  learning_rate_fn: Callable[[tf.Variable], tf.Tensor],
+  jit_compile: bool = False,
+) -> Callable:
+  """Builds `train_step(iterator, multiplier) -> {loss, grad_norm, finite, learning_rate}`.
+
+  Args:
+    strategy: the distribution strategy (variables created in its scope).
+    model: the flow.
+    optimizer: applies summed gradients as given (no second all-reduce).
+    variables: the trainable variables.
+    noise_fn: `noise_fn(images, seed, replica_id) -> noise` (any nest of tensors): the random
+      inputs of the replica's loss, drawn outside the XLA cluster (XLA's stateless generators
+      give other numbers than TF's kernels for the same seed).
+    nll_fn: `nll_fn(images, noise) -> [B]` negative ELBO in nats (training mode).
+    global_batch: examples per step over all replicas.
+    step: the global step variable (incremented by every call, skipped or not).
+    nonfinite_total: counts the skipped steps.
+    seed_fn: the step's stateless seed from `step`.
+    learning_rate_fn: the learning rate at `step` (reported).
+    jit_compile: XLA-compile the per-replica loss-and-gradient function.
+
+  Returns:
+    A `tf.function`; the loss is the global mean in nats.
+  """
+  bn_variables: List[tf.Variable] = []
+  for layer in model.batch_norm_layers:
+    for v in (layer.moving_mean, layer.moving_variance):
+      # strategy.extended.update needs the tf.Variable (a MirroredVariable) inside Keras's.
+      bn_variables.append(v.value if isinstance(v, keras.Variable) else v)
+
+  def loss_and_grads(images, noise, multiplier):
+    return replica_loss_and_grads(
+      model, variables, lambda: nll_fn(images, noise), global_batch, multiplier
+    )
+
+  if jit_compile:
+    # XLA on the per-replica math only (ecosystem.md 5.1); the update stays outside.
+    loss_and_grads = tf.function(loss_and_grads, jit_compile=True, autograph=False)
+
+  def apply_if_finite(distribution, grads, bn_values, finite):
+    # A cond whose branch synchronises (the optimizer's merge_call) must run in cross-replica
+    # context (as keras LossScaleOptimizer does); `finite` is the same on every replica.
+    def apply():
+      distribution.extended.call_for_each_replica(
+        lambda g: optimizer.apply(g, variables), args=(grads,)
+      )
+      for var, value in zip(bn_variables, bn_values):
+        distribution.extended.update(var, lambda v, x: v.assign(x), args=(value,), group=False)
+      return tf.constant(True)
+
+    return tf.cond(
+      distribution.experimental_local_results(finite)[0], apply, lambda: tf.constant(False)
+    )
+
+  def replica_step(images, seed, multiplier):
+    ctx = tf.distribute.get_replica_context()
+    noise = noise_fn(images, seed, ctx.replica_id_in_sync_group)
+    loss, grads, bn_values = loss_and_grads(images, noise, multiplier)
+    loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
+    if bn_values:
+      bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
+    finite = tf.math.is_finite(loss) & tf.reduce_all(
+      [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+    )
+    ctx.merge_call(apply_if_finite, args=(grads, bn_values, finite))
+    return loss, tf.linalg.global_norm(grads), finite
+
+  @tf.function(autograph=False)
+  def train_step(iterator, multiplier) -> Dict[str, tf.Tensor]:
+    seed = seed_fn(step)
+    learning_rate = learning_rate_fn(step)
+    loss, grad_norm, finite = strategy.run(replica_step, args=(next(iterator), seed, multiplier))
+    first = strategy.experimental_local_results
+    loss, grad_norm, finite = first(loss)[0], first(grad_norm)[0], first(finite)[0]
+    nonfinite_total.assign_add(tf.cast(tf.logical_not(finite), nonfinite_total.dtype))
+    step.assign_add(1)
+    return {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, 'learning_rate': learning_rate}
+
+  return train_step
