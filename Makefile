@@ -17,8 +17,8 @@ $(BIN)/.installed: requirements/cpu.lock requirements/test.lock pyproject.toml
 setup: $(BIN)/.installed
 
 lint: setup
-	$(BIN)/ruff check tf_denseflow tests
-	$(BIN)/ruff format --check tf_denseflow tests
+	$(BIN)/ruff check tf_denseflow tests benchmarks
+	$(BIN)/ruff format --check tf_denseflow tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q tests

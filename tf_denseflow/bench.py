@@ -25,7 +25,7 @@ conv/matmul cost at 32x32 is 2.32 GMAC per image for `small` and 16.35 GMAC for 
 the profiler gives 2.324 GMAC (4.647 GFLOP) per image for `small` at 32x32.
 
 This machine kind's speed drifts (shared cores): each run also times a 2048^3 fp32 matmul
-(`sgemm_gflop_s`, best of 5) so runs can be compared as fractions of the machine's GEMM speed at
+(`sgemm_gflop_s`, best of 10, before the model is built) so runs can be compared as fractions of the machine's GEMM speed at
 the time (performance.md: ~210 GFLOP/s on an idle machine).
 """
 
@@ -112,7 +112,7 @@ def _time_phase(call: Callable[[int], Any], warmup: int, steps: int) -> Dict[str
   return result
 
 
-def sgemm_gflop_s(size: int = 2048, repeats: int = 5) -> float:
+def sgemm_gflop_s(size: int = 2048, repeats: int = 10) -> float:
   """Best-of-`repeats` GFLOP/s of a `size`^3 fp32 matmul in a `tf.function` (calibration)."""
   import tensorflow as tf
 
@@ -178,6 +178,8 @@ def run_benchmark(
     raise ValueError(
       f'batch_size, steps and warmup must be positive: {batch_size}, {steps}, {warmup}.'
     )
+  # Calibration first, before the model's graphs and buffers exist.
+  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
   rng = np.random.default_rng(seed)
   shape = (batch_size,) + tuple(config.image_shape)
   batches = [tf.constant(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)]
@@ -251,7 +253,6 @@ def run_benchmark(
           phase['gflop_s'] = flops[name] * phase['img_s']
 
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
   result = {
     'train': phases['train'],
     'eval': phases['eval'],
