@@ -3,7 +3,7 @@
 ```
 python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 \
     --json=runs/bench_small.json [--steps=10] [--warmup=2] [--jit_compile] \
-    [--coupling_dtype=bfloat16]
+    [--coupling_dtype=bfloat16] [--recompute_grad]
 ```
 Random uint8 images, one device. Each phase is one `tf.function` (traced and compiled during the
 warm-up calls, which are excluded), timed per call (outputs fetched to the host, so GPU work is
@@ -51,13 +51,17 @@ _PRESETS = ('tiny', 'small', 'denseflow_74_10')
 OFFICIAL_GMAC_32 = {'small': 2.32, 'denseflow_74_10': 16.35}
 
 
-def _make_config(preset: str, image_size: int, coupling_dtype: str):
+def _make_config(
+  preset: str, image_size: int, coupling_dtype: str, use_recompute_grad: bool = False
+):
   from tf_denseflow.config import DenseFlowConfig
 
   if preset not in _PRESETS:
     raise ValueError(f'Unknown preset {preset!r}; choose one of {", ".join(_PRESETS)}.')
   return getattr(DenseFlowConfig, preset)(
-    (image_size, image_size, 3), coupling_dtype=coupling_dtype
+    (image_size, image_size, 3),
+    coupling_dtype=coupling_dtype,
+    use_recompute_grad=use_recompute_grad,
   )
 
 
@@ -283,7 +287,7 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
   lines = [
     f'DenseFlow bench {name}: {h}x{w}x{c}, batch {result["batch_size"]}, '
     f'{result["params"]:,} params, jit_compile={result["jit_compile"]}, '
-    f'coupling_dtype={cfg["coupling_dtype"]}',
+    f'coupling_dtype={cfg["coupling_dtype"]}, recompute_grad={cfg.get("use_recompute_grad", False)}',
     f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}',
   ]
   flops = result.get('gflop_per_image') or {}
@@ -323,6 +327,9 @@ def define_bench_flags() -> None:
   flags.DEFINE_integer('warmup', 2, 'Untimed calls per phase first (tracing).', lower_bound=1)
   flags.DEFINE_bool('jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
   flags.DEFINE_enum('coupling_dtype', 'float32', ['float32', 'bfloat16'], 'Coupling-net dtype.')
+  flags.DEFINE_bool(
+    'recompute_grad', False, 'Recompute coupling-network activations in the backward pass.'
+  )
   flags.DEFINE_bool('count_flops', True, 'Count FLOPs with the TF profiler.')
   flags.DEFINE_string('json', None, 'Write the result to this JSON file.')
   flags.DEFINE_integer('seed', 0, 'Data and initialisation seed.')
@@ -337,7 +344,7 @@ def main(argv: List[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'bench: error: unexpected arguments: {" ".join(argv[1:])}')
   try:
-    config = _make_config(f.preset, f.image_size, f.coupling_dtype)
+    config = _make_config(f.preset, f.image_size, f.coupling_dtype, f.recompute_grad)
   except ValueError as e:
     print(f'bench: error: {e}', file=sys.stderr)
     sys.exit(2)
