@@ -1,0 +1,324 @@
+"""Training settings: `TrainConfig` (from flags or JSON), `OptimConfig` and the learning-rate schedule.
+
+`train_lib.train` runs a `TrainConfig`; `train_config.json` in the run directory records it (the
+evaluate and sample CLIs read the dataset settings back with `load_train_config` and
+`data_config_from_json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_denseflow import data as data_lib
+from tf_denseflow import flags as flags_lib
+from tf_denseflow.config import DenseFlowConfig
+
+__all__ = [
+  'ConfigError',
+  'METRICS_FILE',
+  'OptimConfig',
+  'TB_SUBDIR',
+  'TRAIN_CONFIG_FILE',
+  'TrainConfig',
+  'TrainingError',
+  'WarmupSchedule',
+  'data_config_from_json',
+  'load_train_config',
+  'model_config_from_flags',
+]
+
+TRAIN_CONFIG_FILE = 'train_config.json'
+METRICS_FILE = 'metrics.jsonl'
+TB_SUBDIR = 'tb'
+
+
+class ConfigError(ValueError):
+  """A setting cannot work (bad flag combination, wrong workdir); the message says which."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (too many non-finite steps, non-finite weights)."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimisation recipe (defaults: the official CIFAR-10 command).
+
+  Attributes:
+    global_batch_size: images per step over all replicas.
+    learning_rate: Adamax learning rate after warm-up.
+    adamax_epsilon: Adamax epsilon.
+    warmup_steps: linear warm-up steps.
+    lr_schedule: 'constant' or 'exponential' after warm-up (see `WarmupSchedule`).
+    lr_decay_gamma: decay per epoch of the exponential schedule.
+    steps_per_epoch: epoch length for the decay; None = ceil(train examples / global batch).
+    train_steps: steps of the main stage.
+    finetune_lr: constant learning rate of the fine-tune stage.
+    finetune_steps: steps of the fine-tune stage (after `train_steps`).
+    max_consecutive_nonfinite: stop after this many skipped (non-finite) steps in a row.
+  """
+
+  global_batch_size: int = 64
+  learning_rate: float = 1e-3
+  adamax_epsilon: float = 1e-8
+  warmup_steps: int = 5000
+  lr_schedule: str = 'constant'
+  lr_decay_gamma: float = 0.9975
+  steps_per_epoch: Optional[int] = None
+  train_steps: int = 312_800
+  finetune_lr: float = 2e-5
+  finetune_steps: int = 15_640
+  max_consecutive_nonfinite: int = 10
+
+  def __post_init__(self):
+    if self.global_batch_size <= 0:
+      raise ConfigError(f'--global_batch_size must be positive, got {self.global_batch_size}.')
+    if self.lr_schedule not in flags_lib.LR_SCHEDULES:
+      raise ConfigError(
+        f'--lr_schedule must be one of {flags_lib.LR_SCHEDULES}, got {self.lr_schedule!r}.'
+      )
+    for name in ('warmup_steps', 'train_steps', 'finetune_steps'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}.')
+    if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+      raise ConfigError(f'--steps_per_epoch must be positive, got {self.steps_per_epoch}.')
+    if self.max_consecutive_nonfinite <= 0:
+      raise ConfigError('--max_consecutive_nonfinite must be positive.')
+
+  @property
+  def total_steps(self) -> int:
+    """Main stage plus fine-tune stage."""
+    return self.train_steps + self.finetune_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run needs; built from flags by `from_flags`, or directly in tests.
+
+  Attributes:
+    model: the architecture (its `image_shape` must match the data).
+    data: what to train and evaluate on.
+    optim: the optimisation recipe.
+    seed: seed of the weights, the data order and every noise draw.
+    noise_seeding: 'global_batch' (replica-count invariant) or 'per_replica'.
+    jit_compile: XLA-compile the per-replica loss-and-gradient function.
+    num_cpu_devices: train on this many logical CPU devices (0: all GPUs, else one CPU).
+    checkpoint_every: steps between checkpoints.
+    keep_checkpoints: checkpoints to keep.
+    eval_every: steps between test-split evaluations (0: only at the end).
+    eval_examples: test examples per evaluation (None: all; 0: no evaluation).
+    eval_batch_size: global evaluation batch (None: `optim.global_batch_size`).
+    log_every: steps between scalar summaries.
+    sample_every: steps between TensorBoard sample grids (0: only at the end).
+    num_grid_samples: samples per grid (0: none).
+    sample_temperature: temperature of the grids.
+    export_dir: if set, export a SavedModel there after training.
+    progress_bar: show a tqdm progress bar.
+  """
+
+  model: DenseFlowConfig = dataclasses.field(default_factory=DenseFlowConfig)
+  data: data_lib.DataConfig = dataclasses.field(default_factory=data_lib.DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  seed: int = 0
+  noise_seeding: str = 'global_batch'
+  jit_compile: bool = False
+  num_cpu_devices: int = 0
+  checkpoint_every: int = 2000
+  keep_checkpoints: int = 3
+  eval_every: int = 7820
+  eval_examples: Optional[int] = None
+  eval_batch_size: Optional[int] = None
+  log_every: int = 100
+  sample_every: int = 7820
+  num_grid_samples: int = 64
+  sample_temperature: float = 1.0
+  export_dir: Optional[str] = None
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    if self.noise_seeding not in flags_lib.NOISE_SEEDINGS:
+      raise ConfigError(
+        f'--noise_seeding must be one of {flags_lib.NOISE_SEEDINGS}, got {self.noise_seeding!r}.'
+      )
+    for name in ('checkpoint_every', 'keep_checkpoints', 'log_every'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
+    for name in ('eval_every', 'sample_every', 'num_grid_samples', 'num_cpu_devices'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}.')
+    if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+      raise ConfigError(f'--eval_batch_size must be positive, got {self.eval_batch_size}.')
+    if self.eval_examples is not None and self.eval_examples < 0:
+      raise ConfigError(f'--eval_examples must be >= 0, got {self.eval_examples}.')
+    expected = data_lib.image_shape(self.data)
+    if tuple(self.model.image_shape) != tuple(expected):
+      raise ConfigError(
+        f'The model image_shape {tuple(self.model.image_shape)} does not match the data '
+        f'{tuple(expected)} (dataset {self.data.dataset!r}).'
+      )
+
+  @classmethod
+  def from_flags(cls, flag_values) -> TrainConfig:
+    """Builds the config from parsed `flags.define_flags()` flags.
+
+    The architecture is `--model_preset` with the model flags given explicitly on top of it
+    (`custom`: every model flag as it stands); the image shape comes from the dataset and
+    `--image_size`.
+
+    Args:
+      flag_values: parsed `absl.flags.FlagValues` holding the flags of `define_flags()`.
+
+    Returns:
+      The frozen config.
+
+    Raises:
+      ConfigError: a bad value or combination (unknown dataset, image size the architecture
+        cannot take, ...); the message names the flag.
+    """
+    fv = flag_values
+    try:
+      data = data_lib.DataConfig(
+        dataset=fv.dataset,
+        data_dir=fv.data_dir,
+        image_dir=fv.image_dir,
+        image_size=fv.image_size,
+        download=fv.download,
+        augmentation=fv.augmentation,
+        shuffle_buffer=fv.shuffle_buffer,
+        celeba_center_crop=fv.celeba_center_crop,
+        embedded_num_train=fv.embedded_num_train,
+        embedded_num_test=fv.embedded_num_test,
+        seed=0,
+      )
+      image_shape = data_lib.image_shape(data)
+    except (ValueError, data_lib.DatasetNotFoundError) as e:
+      raise ConfigError(str(e)) from None
+    model = model_config_from_flags(fv, image_shape)
+    export_dir = fv.export_dir
+    if fv.export and not export_dir:
+      export_dir = os.path.join(fv.workdir, 'export') if fv.workdir else None
+    optim = OptimConfig(
+      global_batch_size=fv.global_batch_size,
+      learning_rate=fv.learning_rate,
+      adamax_epsilon=fv.adamax_epsilon,
+      warmup_steps=fv.warmup_steps,
+      lr_schedule=fv.lr_schedule,
+      lr_decay_gamma=fv.lr_decay_gamma,
+      steps_per_epoch=fv.steps_per_epoch,
+      train_steps=fv.train_steps,
+      finetune_lr=fv.finetune_lr,
+      finetune_steps=fv.finetune_steps,
+      max_consecutive_nonfinite=fv.max_consecutive_nonfinite,
+    )
+    return cls(
+      model=model,
+      data=data,
+      optim=optim,
+      seed=fv.seed,
+      noise_seeding=fv.noise_seeding,
+      jit_compile=fv.jit_compile,
+      num_cpu_devices=fv.num_cpu_devices,
+      checkpoint_every=fv.checkpoint_every,
+      keep_checkpoints=fv.keep_checkpoints,
+      eval_every=fv.eval_every,
+      eval_examples=fv.eval_examples,
+      eval_batch_size=fv.eval_batch_size,
+      log_every=fv.log_every,
+      sample_every=fv.sample_every,
+      num_grid_samples=fv.num_grid_samples,
+      sample_temperature=fv.sample_temperature,
+      export_dir=export_dir,
+      progress_bar=fv.progress_bar,
+    )
+
+  def to_json(self) -> Dict:
+    """A JSON-ready dict of every setting."""
+    return dataclasses.asdict(self)
+
+
+def model_config_from_flags(flag_values, image_shape: Sequence[int]) -> DenseFlowConfig:
+  """`--model_preset` plus the explicitly given model flags, as a `DenseFlowConfig`.
+
+  Raises:
+    ConfigError: the combination is not a valid architecture (the message names the field).
+  """
+  fv = flag_values
+  values = {}
+  for flag_name, field in flags_lib.MODEL_FLAGS.items():
+    if fv.model_preset == 'custom' or flags_lib.explicitly_set(fv, flag_name):
+      value = fv[flag_name].value
+      if flag_name in ('units_per_block', 'steps_per_unit', 'coupling_channels'):
+        try:
+          value = tuple(int(v) for v in value)
+        except ValueError:
+          raise ConfigError(f'--{flag_name} must be a comma-separated list of ints.') from None
+      values[field] = value
+  try:
+    if fv.model_preset == 'custom':
+      return DenseFlowConfig(image_shape=tuple(image_shape), **values)
+    return getattr(DenseFlowConfig, fv.model_preset)(tuple(image_shape), **values)
+  except ValueError as e:
+    raise ConfigError(f'Invalid architecture: {e}') from None
+
+
+def load_train_config(workdir: str) -> Dict:
+  """The `train_config.json` of a run directory, as a dict (empty if there is none)."""
+  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return {}
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def data_config_from_json(fields: Dict) -> data_lib.DataConfig:
+  """Rebuilds a `DataConfig` from the `data` section of `train_config.json`."""
+  names = {f.name for f in dataclasses.fields(data_lib.DataConfig)}
+  return data_lib.DataConfig(**{k: v for k, v in fields.items() if k in names})
+
+
+# -------------------------------------------------------------------------------------------------
+# Learning-rate schedule.
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up, then constant or exponential decay, then a constant fine-tune stage.
+
+  ```
+  t < train_steps:   lr(t) = learning_rate * min(1, (t + 1) / warmup_steps) * decay(t)
+                     decay(t) = 1 (constant) or lr_decay_gamma ** floor(t / steps_per_epoch)
+  t >= train_steps:  lr(t) = finetune_lr
+  ```
+  `t` is the 0-based global step. The warm-up uses `(t + 1)`, so the first step already moves
+  the weights; the official `LinearWarmupScheduler` gives `t / warmup` (its first step runs at
+  lr 0). 'constant' is what the official commands effectively run (their warm-up scheduler
+  resets the exponential decay every step, denseflow_spec.md section 4.2); 'exponential' is the
+  paper's description, with the decay counted from step 0 as `ExponentialLR` per epoch does.
+  """
+
+  def __init__(self, config: OptimConfig, steps_per_epoch: int = 1):
+    super().__init__()
+    self.config = config
+    self.steps_per_epoch = max(1, int(steps_per_epoch))
+
+  def __call__(self, step):
+    c = self.config
+    t = tf.cast(step, tf.float32)
+    warmup = tf.minimum(1.0, (t + 1.0) / float(max(1, c.warmup_steps)))
+    lr = c.learning_rate * warmup
+    if c.lr_schedule == 'exponential':
+      epoch = tf.floor(t / float(self.steps_per_epoch))
+      lr = lr * tf.pow(tf.constant(c.lr_decay_gamma, tf.float32), epoch)
+    return tf.where(t < float(c.train_steps), lr, tf.constant(c.finetune_lr, tf.float32))
+
+  def get_config(self) -> Dict:
+    return {'config': dataclasses.asdict(self.config), 'steps_per_epoch': self.steps_per_epoch}
