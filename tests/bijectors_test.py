@@ -385,6 +385,27 @@ class InvertibleConv1x1Test(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(z, want, atol=1e-5)
     self.assertAllClose(ldj, [16 * np.log(abs(np.linalg.det(self._kernel().numpy())))] * 2)
 
+  def test_log_abs_det_slogdet_and_xla_qr_paths_agree(self):
+    from tf_denseflow.bijectors.conv1x1 import log_abs_det
+
+    w = tf.constant(np.random.default_rng(3).normal(size=(7, 7)), tf.float64)
+    want_value = np.linalg.slogdet(w.numpy())[1]
+    want_grad = np.linalg.inv(w.numpy()).T
+
+    def value_and_grad(matrix):
+      with tf.GradientTape() as tape:
+        tape.watch(matrix)
+        value = log_abs_det(matrix)
+      return value, tape.gradient(value, matrix)
+
+    for jit in (False, True):
+      fn = tf.function(value_and_grad, jit_compile=jit)
+      graph_ops = {op.type for op in fn.get_concrete_function(w).graph.get_operations()}
+      self.assertEqual('Qr' in graph_ops, jit)
+      value, grad = fn(w)
+      self.assertAllClose(value, want_value, rtol=1e-10)
+      self.assertAllClose(grad, want_grad, rtol=1e-8)
+
   def test_init_is_orthogonal_and_seeded(self):
     a = B.InvertibleConv1x1(5, seed=tf.constant([3, 4]))
     b = B.InvertibleConv1x1(5, seed=tf.constant([3, 4]))

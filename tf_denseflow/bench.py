@@ -10,7 +10,7 @@ warm-up calls, which are excluded), timed per call (outputs fetched to the host,
 included) and summarised by the median:
 - `train`: the training loop's step (`train_step.make_train_step` on the default strategy):
   single-sample ELBO with `training=True` (batch statistics), its gradient, the finiteness guard,
-  a `keras.optimizers.Adamax` update and the batch-norm running-statistics update.
+  an Adamax update (`optim.Adamax`, Keras's Adamax with a fused kernel) and the batch-norm running-statistics update.
   `--jit_compile` compiles the loss-and-gradient function with XLA; the noise draws and the
   update stay outside it.
 - `eval`: the ELBO with `training=False` (as evaluation runs it, one sample).
@@ -148,42 +148,21 @@ def _device_info() -> Dict[str, Any]:
   return info
 
 
-def run_benchmark(
-  config,
-  batch_size: int,
-  steps: int = 10,
-  warmup: int = 2,
-  jit_compile: bool = False,
-  with_flops: bool = True,
-  seed: int = 0,
-) -> Dict[str, Any]:
-  """Times the training step, ELBO evaluation and sampling of a fresh model of `config`.
+def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int = 0):
+  """A fresh, initialised model of `config` and the three timed functions (untraced).
 
-  Args:
-    config: a `DenseFlowConfig`.
-    batch_size: images per call.
-    steps: timed calls per phase (the median is reported).
-    warmup: untimed calls first (tracing and compilation; at least 1).
-    jit_compile: XLA-compile the loss-and-gradient, eval and sample functions.
-    with_flops: count FLOPs with TF's profiler (adds a few seconds for big models).
-    seed: data and weight-initialisation seed.
-
-  Returns:
-    The JSON-ready result (see the module docstring); a phase that fails holds `error`.
+  Returns a dict: `model`, `batches` (two random uint8 batches), `train` (called as
+  `train(iterator, one)`), `iterator`, `one`, `eval` (`eval(images, seed_of(i))`), `sample`
+  (`sample(seed_of(i))`), `seed_of`, `build_s`, `init_s`. Also used by
+  `benchmarks/profile_train_step.py`.
   """
-  import keras
   import tensorflow as tf
 
   from tf_denseflow import train_lib
   from tf_denseflow import train_step as train_step_lib
   from tf_denseflow.model import DenseFlow
+  from tf_denseflow.optim import Adamax
 
-  if batch_size <= 0 or steps <= 0 or warmup <= 0:
-    raise ValueError(
-      f'batch_size, steps and warmup must be positive: {batch_size}, {steps}, {warmup}.'
-    )
-  # Calibration first, before the model's graphs and buffers exist.
-  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
   rng = np.random.default_rng(seed)
   shape = (batch_size,) + tuple(config.image_shape)
   batches = [tf.constant(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)]
@@ -195,7 +174,7 @@ def run_benchmark(
   model.initialize(batches[0])
   init_s = time.perf_counter() - start
   variables = model.trainable_variables
-  optimizer = keras.optimizers.Adamax(learning_rate=1e-3)
+  optimizer = Adamax(learning_rate=1e-3)
   optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
 
   # The training loop's own step (train_step.make_train_step) on the default strategy: noise
@@ -229,6 +208,57 @@ def run_benchmark(
 
   def seed_of(i):
     return tf.constant([seed, i], tf.int64)
+
+  return {
+    'model': model,
+    'batches': batches,
+    'train': train_step,
+    'iterator': iterator,
+    'one': one,
+    'eval': eval_fn,
+    'sample': sample_fn,
+    'seed_of': seed_of,
+    'build_s': build_s,
+    'init_s': init_s,
+  }
+
+
+def run_benchmark(
+  config,
+  batch_size: int,
+  steps: int = 10,
+  warmup: int = 2,
+  jit_compile: bool = False,
+  with_flops: bool = True,
+  seed: int = 0,
+) -> Dict[str, Any]:
+  """Times the training step, ELBO evaluation and sampling of a fresh model of `config`.
+
+  Args:
+    config: a `DenseFlowConfig`.
+    batch_size: images per call.
+    steps: timed calls per phase (the median is reported).
+    warmup: untimed calls first (tracing and compilation; at least 1).
+    jit_compile: XLA-compile the loss-and-gradient, eval and sample functions.
+    with_flops: count FLOPs with TF's profiler (adds a few seconds for big models).
+    seed: data and weight-initialisation seed.
+
+  Returns:
+    The JSON-ready result (see the module docstring); a phase that fails holds `error`.
+  """
+  import tensorflow as tf
+
+  if batch_size <= 0 or steps <= 0 or warmup <= 0:
+    raise ValueError(
+      f'batch_size, steps and warmup must be positive: {batch_size}, {steps}, {warmup}.'
+    )
+  # Calibration first, before the model's graphs and buffers exist.
+  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
+  parts = build_phases(config, batch_size, jit_compile, seed)
+  model, batches = parts['model'], parts['batches']
+  train_step, eval_fn, sample_fn = parts['train'], parts['eval'], parts['sample']
+  iterator, one, seed_of = parts['iterator'], parts['one'], parts['seed_of']
+  build_s, init_s = parts['build_s'], parts['init_s']
 
   phases = {
     'train': _time_phase(lambda i: train_step(iterator, one), warmup, steps),

@@ -59,6 +59,7 @@ from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.dequantization import UniformDequantization
 from tf_denseflow.model import DenseFlow
+from tf_denseflow.optim import Adamax
 from tf_denseflow.train_config import (  # noqa: F401 -- re-exported: the public training API
   METRICS_FILE,
   TB_SUBDIR,
@@ -98,18 +99,6 @@ __all__ = [
 _RESUMABLE_MODEL_FIELDS = ('use_recompute_grad', 'coupling_dtype')
 # Second words of the stateless seeds, one stream per use.
 _TRAIN_STREAM, _EVAL_STREAM, _INIT_STREAM, _SAMPLE_STREAM = 1, 2, 3, 4
-
-
-class _Adamax(keras.optimizers.Adamax):
-  """Adamax that applies gradients as given: the train step all-reduces them itself, once.
-
-  Keras sums the gradients over replicas inside `apply` (`_all_reduce_sum_gradients`); the step
-  needs the summed gradients before the update (finiteness check, gradient norm), so it reduces
-  them first and this subclass skips the second reduction. Checkpoints are those of `Adamax`.
-  """
-
-  def _all_reduce_sum_gradients(self, grads_and_vars):
-    return list(grads_and_vars)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -439,7 +428,7 @@ def train(
     model = DenseFlow(config.model, seed=config.seed)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     nonfinite_total = tf.Variable(0, dtype=tf.int64, trainable=False, name='nonfinite_steps')
-    optimizer = _Adamax(learning_rate=lambda: schedule(step), epsilon=config.optim.adamax_epsilon)
+    optimizer = Adamax(learning_rate=lambda: schedule(step), epsilon=config.optim.adamax_epsilon)
     trainable = model.trainable_variables
     optimizer.build(trainable)
   checkpoint = tf.train.Checkpoint(

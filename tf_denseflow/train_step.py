@@ -132,11 +132,12 @@ def make_train_step(
     loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
     if bn_values:
       bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
-    finite = tf.math.is_finite(loss) & tf.reduce_all(
-      [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-    )
+    # A NaN or Inf in any gradient makes the global norm non-finite: one check instead of one
+    # per variable. (A norm that overflows float32, > 1.8e19, also counts as non-finite.)
+    grad_norm = tf.linalg.global_norm(grads)
+    finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
     ctx.merge_call(apply_if_finite, args=(grads, bn_values, finite))
-    return loss, tf.linalg.global_norm(grads), finite
+    return loss, grad_norm, finite
 
   @tf.function(autograph=False)
   def train_step(iterator, multiplier) -> Dict[str, tf.Tensor]:

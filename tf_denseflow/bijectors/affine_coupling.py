@@ -62,6 +62,10 @@ class AffineCoupling(FlowBijector):
     """Number of channels C."""
     return self._channels
 
+  def _split(self, x):
+    # Split, not two slices: the gradient is one concat, not two StridedSliceGrads and an add.
+    return tf.split(x, [self._num_masked, self._channels - self._num_masked], axis=-1)
+
   def _run_conditioner(self, h, training):
     if self._use_recompute_grad and training:
       return tf.recompute_grad(lambda v: self.conditioner(v, training=True))(h)
@@ -79,17 +83,17 @@ class AffineCoupling(FlowBijector):
     params = tf.reshape(
       params, tf.concat([batch, [height, width, self._channels - self._num_masked, 2]], 0)
     )
-    s, shift = params[..., 0], params[..., 1]
+    s, shift = tf.unstack(params, 2, axis=-1)  # Unpack: its gradient is one Pack
     return shift, 2.0 * tf.tanh(s / 2.0)
 
   def forward_and_log_det(self, z, context=None, training=False, **kwargs):
-    z1, z2 = z[..., : self._num_masked], z[..., self._num_masked :]
+    z1, z2 = self._split(z)
     shift, log_scale = self._shift_and_log_scale(z1, context, training)
     x2 = (z2 - shift) * tf.exp(-log_scale)
     return tf.concat([z1, x2], axis=-1), -sum_event(log_scale)
 
   def inverse_and_log_det(self, x, context=None, training=False, **kwargs):
-    x1, x2 = x[..., : self._num_masked], x[..., self._num_masked :]
+    x1, x2 = self._split(x)
     shift, log_scale = self._shift_and_log_scale(x1, context, training)
     z2 = shift + tf.exp(log_scale) * x2
     return tf.concat([x1, z2], axis=-1), sum_event(log_scale)

@@ -40,8 +40,10 @@ class ChannelSwap(FlowBijector):
 
   def forward_and_log_det(self, z, **kwargs):
     k = self._channels // 2  # z = [b, a] with b the last floor(C/2) channels of x
-    return tf.concat([z[..., k:], z[..., :k]], axis=-1), tf.zeros(tf.shape(z)[:-3], z.dtype)
+    head, tail = tf.split(z, [k, self._channels - k], axis=-1)
+    return tf.concat([tail, head], axis=-1), tf.zeros(tf.shape(z)[:-3], z.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
     k = (self._channels + 1) // 2
-    return tf.concat([x[..., k:], x[..., :k]], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)
+    head, tail = tf.split(x, [k, self._channels - k], axis=-1)
+    return tf.concat([tail, head], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)

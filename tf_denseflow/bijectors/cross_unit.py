@@ -60,7 +60,7 @@ class CrossUnitCoupling(FlowBijector):
     height, width = h.shape[-3], h.shape[-2]
     out = tf.cast(self.network(tf.reshape(h, [-1, height, width, h.shape[-1]])), h.dtype)
     out = tf.reshape(out, tf.concat([batch, [height, width, 2 * self._growth_rate]], 0))
-    mu, s = out[..., : self._growth_rate], out[..., self._growth_rate :]
+    mu, s = tf.split(out, 2, axis=-1)
     return mu, 2.0 * tf.tanh(s / 2.0)
 
   def forward_and_log_det(self, parts, **kwargs):

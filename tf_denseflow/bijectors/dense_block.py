@@ -149,7 +149,7 @@ class DenseBlock(FlowBijector):
     for i in reversed(range(1, self.num_units)):
       h, ld = self._unit_forward(self.units[i], h, training)
       log_det += ld
-      h, eta = h[..., :-g], h[..., -g:]
+      h, eta = tf.split(h, [h.shape[-1] - g, g], axis=-1)
       outputs.insert(0, h)
       etas.insert(0, eta)
     x, ld = self._unit_forward(self.units[0], h, training)

@@ -50,7 +50,7 @@ class Transition(FlowBijector):
   def inverse_and_log_det(self, x, **kwargs):
     z = squeeze2x2(x, self._order)
     half = z.shape[-1] // 2
-    return [z[..., :half], z[..., half:]], tf.zeros(tf.shape(x)[:-3], x.dtype)
+    return tf.split(z, [half, z.shape[-1] - half], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)
 
   def _forward_dtype(self, dtypes, **kwargs):
     return dtypes[0]

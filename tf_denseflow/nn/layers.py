@@ -9,11 +9,13 @@ float32 and are cast on use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -61,14 +63,31 @@ def zeros(shape, dtype=None):
   return tf.zeros(shape, dtype or tf.float32)
 
 
+@functools.cache
+def _tap_rows(height: int, width: int) -> np.ndarray:
+  """`[H*W*9]` int32: for pixel `q` and tap `(i, j)`, the row of `dy` shifted by `(1-i, 1-j)`.
+
+  Rows index one image's `dy` flattened to `[H*W + 1, C]`; row `H*W` is the appended zero row
+  that stands for the zero padding.
+  """
+  y, x, i, j = np.meshgrid(
+    np.arange(height), np.arange(width), np.arange(3), np.arange(3), indexing='ij'
+  )
+  src_y, src_x = y + 1 - i, x + 1 - j
+  inside = (src_y >= 0) & (src_y < height) & (src_x >= 0) & (src_x < width)
+  return np.where(inside, src_y * width + src_x, height * width).astype(np.int32).reshape(-1)
+
+
 def _shifted_taps(dy: tf.Tensor) -> tf.Tensor:
-  """`[N*H*W, 9*C]`: column block `3i+j` holds `dy` shifted by `(1-i, 1-j)` (zero filled)."""
+  """`[N*H*W, 9*C]`: column block `3i+j` holds `dy` shifted by `(1-i, 1-j)` (zero filled).
+
+  One gather per image from `dy` with a zero row appended: a single pass over the output, about
+  twice as fast as padding, slicing out the 9 shifted windows and concatenating them.
+  """
   height, width, channels = dy.shape[1], dy.shape[2], dy.shape[3]
-  padded = tf.pad(dy, [[0, 0], [1, 1], [1, 1], [0, 0]])
-  taps = [
-    padded[:, 2 - i : 2 - i + height, 2 - j : 2 - j + width, :] for i in range(3) for j in range(3)
-  ]
-  return tf.reshape(tf.concat(taps, axis=-1), [-1, 9 * channels])
+  rows = tf.pad(tf.reshape(dy, [-1, height * width, channels]), [[0, 0], [0, 1], [0, 0]])
+  taps = tf.gather(rows, _tap_rows(height, width), axis=1)  # [N, H*W*9, C]
+  return tf.reshape(taps, [-1, 9 * channels])
 
 
 @tf.custom_gradient
@@ -91,8 +110,12 @@ def conv3x3_same(x: tf.Tensor, kernel: tf.Tensor):
   def grad(dy):
     c_in, c_out = kernel.shape[2], kernel.shape[3]
     taps = _shifted_taps(dy)
-    d_kernel = tf.matmul(taps, tf.reshape(x, [-1, c_in]), transpose_a=True)  # [9*C_out, C_in]
-    d_kernel = tf.transpose(tf.reshape(d_kernel, [3, 3, c_out, c_in]), [0, 1, 3, 2])
+    # x^T T is [C_in, 9*C_out]; moving whole rows of C_out into [9, C_in, C_out] is a cheaper
+    # transpose than swapping the last two axes of a [9*C_out, C_in] product.
+    d_kernel = tf.matmul(tf.reshape(x, [-1, c_in]), taps, transpose_a=True)
+    d_kernel = tf.reshape(
+      tf.transpose(tf.reshape(d_kernel, [c_in, 9, c_out]), [1, 0, 2]), kernel.shape
+    )
     flipped = tf.reshape(tf.transpose(kernel, [0, 1, 3, 2]), [9 * c_out, c_in])
     dx = tf.reshape(tf.matmul(taps, flipped), tf.shape(x))
     return dx, d_kernel
