@@ -40,8 +40,6 @@ class Adamax(keras.optimizers.Adamax):
 
   def update_step(self, gradient, variable, learning_rate):
     """Applies one Adamax step to `variable` with `ResourceApplyAdaMax`."""
-    if variable.dtype not in (tf.float32, tf.float64, tf.float16, tf.bfloat16):
-      return super().update_step(gradient, variable, learning_rate)
     dtype = variable.dtype
     index = self._get_variable_index(variable)
     beta_1 = tf.cast(self.beta_1, dtype)
