@@ -6,6 +6,7 @@ golden values, identity at initialisation, TFP composition and bad arguments.
 per-class tests below it hold what is specific to one bijector.
 """
 
+import itertools
 import zlib
 
 import flow_testlib as lib
@@ -245,6 +246,40 @@ class BijectorContractTest(tf.test.TestCase, parameterized.TestCase):
     for t in tf.nest.flatten([bijector.forward_and_log_det(z), bijector.inverse_and_log_det(x)]):
       self.assertEqual(t.dtype, tf.float64)
 
+  @parameterized.named_parameters(*_CASE_PARAMS)
+  def test_memo_answers_the_keyword_arguments_asked(self, name):
+    # The log-det remembered from a pass is only reused for the same keyword arguments: e.g.
+    # `inverse(x, training=True)` then `inverse_log_det_jacobian(x, training=False)` must be the
+    # inference-mode value (the batch norms differ). Every combination, both directions.
+    uses_data_init = name.startswith(('glow_step', 'dense_block'))
+    if uses_data_init:  # data_init re-initialises ActNorm: a private instance
+      bijector = _CASES[name]['make']()
+      lib.perturb_variables(lib.all_trainable_variables(bijector), seed=7, scale=0.2)
+    else:
+      bijector = _perturbed(name)
+    combos = [{}, {'training': False}, {'training': True}]
+    if uses_data_init:
+      combos.append({'training': True, 'data_init': True})
+    z, x = _inputs(name, batch_shape=(3,))
+    for passed, asked in itertools.product(combos, combos):
+      with self.subTest(passed=passed, asked=asked):
+        fresh_x = tf.nest.map_structure(tf.identity, x)
+        bijector.inverse(fresh_x, **passed)
+        got = bijector.inverse_log_det_jacobian(
+          fresh_x, event_ndims=bijector.inverse_min_event_ndims, **asked
+        )
+        want = bijector.inverse_and_log_det(fresh_x, **asked)[1]
+        self.assertAllClose(got, want, atol=_LOG_DET_ATOL, rtol=1e-5)
+        if 'data_init' in passed or 'data_init' in asked:
+          continue  # the sampling direction has no data_init
+        fresh_z = tf.nest.map_structure(tf.identity, z)
+        bijector.forward(fresh_z, **passed)
+        got = bijector.forward_log_det_jacobian(
+          fresh_z, event_ndims=bijector.forward_min_event_ndims, **asked
+        )
+        want = bijector.forward_and_log_det(fresh_z, **asked)[1]
+        self.assertAllClose(got, want, atol=_LOG_DET_ATOL, rtol=1e-5)
+
   @parameterized.named_parameters(('glow_step', 'glow_step'))
   def test_batch_row_jacobian_equals_tape_jacobian(self, name):
     # Validates the one-pass Jacobian (batch rows) used above against tf.GradientTape.jacobian.
@@ -463,6 +498,18 @@ class AffineCouplingTest(tf.test.TestCase, parameterized.TestCase):
     fn = lambda v: bijector.inverse_and_log_det(v, context=c64)  # noqa: E731
     want = lib.jacobian_log_det(fn, x64, use_batch_rows=False)  # the context is unbatched
     self.assertAllClose(float(fn(x64)[1]), want, atol=1e-6)
+
+  def test_memo_answers_the_context_asked(self):
+    bijector = B.AffineCoupling(4, _coupling_net(4, 9, context=3))
+    lib.perturb_variables(lib.all_trainable_variables(bijector), seed=4, scale=0.2)
+    x = tf.random.stateless_normal([2, 4, 4, 4], seed=[3, 1])
+    c1 = tf.random.stateless_normal([2, 4, 4, 3], seed=[3, 2])
+    c2 = tf.random.stateless_normal([2, 4, 4, 3], seed=[3, 3])
+    bijector.inverse(x, context=c1)
+    got = bijector.inverse_log_det_jacobian(x, event_ndims=3, context=c2)
+    want = bijector.inverse_and_log_det(x, context=c2)[1]
+    self.assertNotAllClose(want, bijector.inverse_and_log_det(x, context=c1)[1])
+    self.assertAllClose(got, want, atol=1e-5)
 
   def test_instances_with_different_networks_do_not_share_tfp_cache(self):
     first = B.AffineCoupling(4, _coupling_net(4, 10))

@@ -182,14 +182,17 @@ def jacobian(fn: Callable, value, use_batch_rows: bool = True) -> tf.Tensor:
   and concatenated in order. With `use_batch_rows` (default), `value` is replicated `n_out` times
   along a new batch axis and row i is the gradient of output i of copy i: one forward and one
   backward pass, valid because every bijector here treats batch members independently (batch norm
-  in inference mode). Otherwise `tf.GradientTape.jacobian` (pfor) of the unbatched map.
+  in inference mode). Otherwise `tf.GradientTape.jacobian` of the unbatched map, one gradient per
+  output in a while loop (`experimental_use_pfor=False`): these tests check the bijectors, not
+  pfor, and pfor's broadcasting batch matmuls crash TF 2.21 with oneDNN on Intel AMX CPUs
+  (BUILD.md, "Known TF bugs"; `batch_matmul_test.py` covers pfor on the product's graphs).
   """
   vector, unflatten = flatten_parts(value)
   if not use_batch_rows:
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
       tape.watch(vector)
       out = _flat(fn(unflatten(vector))[0])
-    return tape.jacobian(out, vector)
+    return tape.jacobian(out, vector, experimental_use_pfor=False)
   n_out = int(_flat(fn(value)[0]).shape[0])
   events = [p.shape for p in tf.nest.flatten(value)]
   sizes = [e.num_elements() for e in events]

@@ -39,9 +39,13 @@ def std_normal_log_prob(t: tf.Tensor) -> tf.Tensor:
 class FlowBijector(tfb.Bijector):
   """Base class: TFP's hooks from the `forward_and_log_det` / `inverse_and_log_det` pair.
 
-  Keyword arguments (such as `training=True` for the batch norms of the coupling networks) pass
-  through TFP's public methods to the pair. The memo holds at most a few entries, keyed by the
-  identity of the input tensors (checked through weak references), like TFP's own cache.
+  Keyword arguments (such as `training=True` for the batch norms of the coupling networks, or a
+  `context` tensor) pass through TFP's public methods to the pair. The memo holds at most a few
+  entries, keyed like TFP's own cache: by the identity of the input tensors (checked through weak
+  references) and by every keyword argument (Python values by value, tensors by identity), so
+  `inverse(x, training=True)` never answers `inverse_log_det_jacobian(x, training=False)`. As
+  with TFP's cache, a held tensor is one key: changing the variables between `inverse(x)` and
+  `inverse_log_det_jacobian(x)` of the same tensor object is not seen.
   """
 
   def __init__(self, *, parameters, name, **kwargs):
@@ -62,27 +66,42 @@ class FlowBijector(tfb.Bijector):
   def _parameter_properties(cls, dtype=None, num_classes=None):
     return dict()
 
-  def _memo_key(self, direction, value):
-    leaves = tf.nest.flatten(value)
-    return (direction,) + tuple(id(t) for t in leaves), leaves
+  def _memo_key(self, direction, value, kwargs):
+    """`(key, referents)`: the key holds everything that changes the log-det.
 
-  def _memo_put(self, direction, value, ldj):
-    key, leaves = self._memo_key(direction, value)
+    The input tensors by identity, and every keyword argument: Python values (`training`,
+    `data_init`, ...) by value and type (`True` is not `1`), tensors (`context`) by identity.
+    `referents` are the objects whose identity the key holds, checked through weak references.
+    """
+    leaves = tf.nest.flatten(value)
+    referents = list(leaves)
+    parts = []
+    for name in sorted(kwargs):
+      for leaf in tf.nest.flatten(kwargs[name]):
+        if leaf is None or isinstance(leaf, (bool, int, float, str, bytes)):
+          parts.append((name, type(leaf).__name__, leaf))
+        else:
+          parts.append((name, 'id', id(leaf)))
+          referents.append(leaf)
+    return (direction, tuple(id(t) for t in leaves), tuple(parts)), referents
+
+  def _memo_put(self, direction, value, ldj, kwargs):
+    key, referents = self._memo_key(direction, value, kwargs)
     try:
-      refs = tuple(weakref.ref(t) for t in leaves)
-    except TypeError:
+      refs = tuple(weakref.ref(t) for t in referents)
+    except TypeError:  # not weak-referenceable (e.g. a Python float): not remembered
       return
     self._ldj_memo[key] = (refs, ldj)
     while len(self._ldj_memo) > _MEMO_SIZE:
       self._ldj_memo.popitem(last=False)
 
-  def _memo_get(self, direction, value):
-    key, leaves = self._memo_key(direction, value)
+  def _memo_get(self, direction, value, kwargs):
+    key, referents = self._memo_key(direction, value, kwargs)
     hit = self._ldj_memo.get(key)
     if hit is None:
       return None
     refs, ldj = hit
-    if all(r() is t for r, t in zip(refs, leaves)):
+    if len(refs) == len(referents) and all(r() is t for r, t in zip(refs, referents)):
       return ldj
     return None
 
@@ -95,20 +114,20 @@ class FlowBijector(tfb.Bijector):
   # and then asks for the log-det at either end.
   def _forward(self, z, **kwargs):
     x, ldj = self.forward_and_log_det(z, **kwargs)
-    self._memo_put('forward', z, ldj)
-    self._memo_put('inverse', x, -ldj)
+    self._memo_put('forward', z, ldj, kwargs)
+    self._memo_put('inverse', x, -ldj, kwargs)
     return x
 
   def _inverse(self, x, **kwargs):
     z, ldj = self.inverse_and_log_det(x, **kwargs)
-    self._memo_put('inverse', x, ldj)
-    self._memo_put('forward', z, -ldj)
+    self._memo_put('inverse', x, ldj, kwargs)
+    self._memo_put('forward', z, -ldj, kwargs)
     return z
 
   def _forward_log_det_jacobian(self, z, **kwargs):
-    ldj = self._memo_get('forward', z)
+    ldj = self._memo_get('forward', z, kwargs)
     return ldj if ldj is not None else self.forward_and_log_det(z, **kwargs)[1]
 
   def _inverse_log_det_jacobian(self, x, **kwargs):
-    ldj = self._memo_get('inverse', x)
+    ldj = self._memo_get('inverse', x, kwargs)
     return ldj if ldj is not None else self.inverse_and_log_det(x, **kwargs)[1]

@@ -12,7 +12,23 @@ import tensorflow as tf
 
 from tf_denseflow.nn.layers import Conv, Layer, Seeds
 
-__all__ = ['NystromAttention', 'nystrom_attention', 'iterative_pinv']
+__all__ = ['NystromAttention', 'batch_matmul', 'iterative_pinv', 'nystrom_attention']
+
+
+def batch_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
+  """`a @ b` (or `a @ b^T`) for `[N, i, j]` and `[N, j, k]` (`[N, k, j]`) with equal batch `N`.
+
+  Written as an einsum with one explicit batch label, not `tf.matmul`: `tf.GradientTape.jacobian`
+  and `tf.vectorized_map` (pfor) turn a `BatchMatMulV2` of a per-iteration and a shared operand
+  into a *broadcasting* batch matmul (`[P, N, i, j] @ [N, j, k]`), and with oneDNN on, TF 2.21's
+  broadcasting batch matmul corrupts the heap and returns wrong numbers on Intel Xeon CPUs with
+  AMX (BUILD.md, "Known TF bugs"). pfor rewrites an einsum by adding a free label instead
+  (`pnij,njk->pnik`), which the einsum kernel runs as a matmul over equal batches. Same values
+  as `tf.matmul` (tests/nn_test.py).
+  """
+  if a.shape.rank != 3 or b.shape.rank != 3:
+    raise ValueError(f'batch_matmul takes rank-3 operands, got {a.shape} and {b.shape}.')
+  return tf.einsum('nij,nkj->nik' if transpose_b else 'nij,njk->nik', a, b)
 
 
 def iterative_pinv(k: tf.Tensor, num_iterations: int = 6) -> tf.Tensor:
@@ -29,8 +45,10 @@ def iterative_pinv(k: tf.Tensor, num_iterations: int = 6) -> tf.Tensor:
   v = tf.linalg.matrix_transpose(k) / (col * row)[..., None, None]
   eye = tf.eye(k.shape[-1], dtype=k.dtype)
   for _ in range(num_iterations):
-    kv = tf.matmul(k, v)
-    v = 0.25 * tf.matmul(v, 13.0 * eye - tf.matmul(kv, 15.0 * eye - tf.matmul(kv, 7.0 * eye - kv)))
+    kv = batch_matmul(k, v)
+    v = 0.25 * batch_matmul(
+      v, 13.0 * eye - batch_matmul(kv, 15.0 * eye - batch_matmul(kv, 7.0 * eye - kv))
+    )
   return v
 
 
@@ -50,10 +68,10 @@ def nystrom_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_landmarks: i
   scale = 1.0 / math.sqrt(length)
   qm = tf.reduce_mean(tf.reshape(q, [-1, m, length // m, embed]), axis=2) * scale
   km = tf.reduce_mean(tf.reshape(k, [-1, m, length // m, embed]), axis=2) * scale
-  a1 = tf.nn.softmax(tf.matmul(q, km, transpose_b=True), axis=-2)
-  a2 = tf.nn.softmax(tf.matmul(qm, km, transpose_b=True), axis=-2)
-  a3 = tf.nn.softmax(tf.matmul(qm, k, transpose_b=True), axis=-2)
-  return tf.matmul(tf.matmul(a1, iterative_pinv(a2)), tf.matmul(a3, v)) + v
+  a1 = tf.nn.softmax(batch_matmul(q, km, transpose_b=True), axis=-2)
+  a2 = tf.nn.softmax(batch_matmul(qm, km, transpose_b=True), axis=-2)
+  a3 = tf.nn.softmax(batch_matmul(qm, k, transpose_b=True), axis=-2)
+  return batch_matmul(batch_matmul(a1, iterative_pinv(a2)), batch_matmul(a3, v)) + v
 
 
 class NystromAttention(Layer):
