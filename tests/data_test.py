@@ -4,7 +4,9 @@ The TFDS loaders run for real (`download=False`) on tiny datasets written under 
 names and versions with `tfds.dataset_builders.store_as_tfds_dataset`; nothing is mocked.
 """
 
+import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -238,6 +240,54 @@ class TfdsLoaderTest(tf.test.TestCase, parameterized.TestCase):
       data.load_split(data.DataConfig(dataset=self.get_temp_dir()), 'train')
 
 
+def _store_custom(root, shape, dtype, images):
+  """A prepared TFDS directory with one `image` feature of `shape`/`dtype`; returns its path."""
+  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=shape, dtype=dtype)})
+  examples = [(i, {'image': x}) for i, x in enumerate(images)]
+  tfds.dataset_builders.store_as_tfds_dataset(
+    name='custom_images',
+    version='1.0.0',
+    features=features,
+    split_datasets={'train': examples, 'test': examples},
+    data_dir=root,
+  )
+  return os.path.join(root, 'custom_images', '1.0.0')
+
+
+class TfdsFeatureCheckTest(tf.test.TestCase, parameterized.TestCase):
+  """TFDS image features the pipeline cannot make uint8 RGB of are refused, named, up front."""
+
+  @parameterized.named_parameters(
+    ('grey', 1, lambda x: np.repeat(x, 3, axis=-1)),
+    ('rgba', 4, lambda x: x[..., :3]),
+  )
+  def test_converts_other_channel_counts(self, channels, expected):
+    images = np.random.default_rng(channels).integers(0, 256, [2, 8, 8, channels], np.uint8)
+    path = _store_custom(self.get_temp_dir(), (8, 8, channels), np.uint8, images)
+    config = data.DataConfig(dataset=path)
+    data.check_data(config)
+    self.assertEqual(data.image_shape(config), (8, 8, 3))
+    loaded = np.stack(list(data.load_split(config, 'train').as_numpy_iterator()))
+    self.assertAllEqual(loaded, np.stack([expected(x) for x in images]))
+
+  def test_refuses_16_bit_images(self):
+    images = np.full([2, 8, 8, 1], 40_000, np.uint16)
+    path = _store_custom(self.get_temp_dir(), (8, 8, 1), np.uint16, images)
+    with self.assertRaisesRegex(data.BadDataError, r'custom_images.*uint16.*uint8'):
+      data.check_data(data.DataConfig(dataset=path))
+
+  @parameterized.named_parameters(('unknown', None), ('grey_alpha', 2))
+  def test_refuses_channel_counts_tf_cannot_decode(self, channels):
+    images = np.zeros([2, 8, 8, channels or 3], np.uint8)
+    path = _store_custom(self.get_temp_dir(), (None, None, channels), np.uint8, images)
+    with self.assertRaisesRegex(data.BadDataError, 'number of channels must be fixed'):
+      data.make_train_dataset(data.DataConfig(dataset=path, image_size=8), 2)
+
+  def test_named_datasets_pass(self):
+    data.check_data(_cifar_config())
+    data.check_data(data.DataConfig(dataset='celeb_a', data_dir=_tfds_fixture()[0]))
+
+
 class AugmentTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters((8, 0), (16, 1), (32, 1), (64, 3), (128, 6))
   def test_eta_max_shift(self, size, shift):
@@ -412,6 +462,145 @@ class ImageDirTest(tf.test.TestCase, parameterized.TestCase):
     config = data.DataConfig(dataset='image_dir', image_dir=os.path.join(self.root, 'nope'))
     with self.assertRaisesRegex(data.DatasetNotFoundError, 'image_dir'):
       data.load_split(config, 'train')
+
+  def _write(self, path, contents):
+    path = os.path.join(self.root, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(contents)
+    return path
+
+  def _encoded(self, image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+  def _write_bad_files(self):
+    jpeg = self._encoded(_smooth_images(1, 16, 16, seed=5)[0], 'JPEG')
+    self._write('train/broken.jpg', jpeg[: len(jpeg) // 2])
+    self._write('test/empty.png', b'')
+
+  def test_bad_files_of_both_splits_named_in_one_error_before_training(self):
+    self._write_bad_files()
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    for build in (
+      lambda: data.check_data(config),
+      lambda: data.make_train_dataset(config, 2),  # building the stream, before any step
+      lambda: data.num_examples(config, 'train'),
+    ):
+      with self.assertRaises(data.BadDataError) as caught:
+        build()
+      message = str(caught.exception)
+      self.assertNotIn('\n', message)
+      self.assertIn('2 of the 6 image files', message)
+      self.assertRegex(message, r'train/broken\.jpg: truncated or corrupt JPEG')
+      self.assertIn('test/empty.png: empty file (0 bytes)', message)
+      self.assertIn('--skip_bad_images', message)
+
+  def test_skip_bad_images_warns_naming_each_and_yields_only_good_images(self):
+    self._write_bad_files()
+    config = data.DataConfig(
+      dataset='image_dir', image_dir=self.root, image_size=8, skip_bad_images=True
+    )
+    with self.assertLogs('absl', level='WARNING') as logs:
+      data.check_data(config)
+    skipped = [line for line in logs.output if 'Skipping bad image file' in line]
+    self.assertLen(skipped, 2)
+    self.assertIn('broken.jpg', skipped[0] + skipped[1])
+    self.assertIn('empty.png', skipped[0] + skipped[1])
+    self.assertEqual(
+      (data.num_examples(config, 'train'), data.num_examples(config, 'test')), (3, 1)
+    )
+    clean = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    os.remove(os.path.join(self.root, 'train', 'broken.jpg'))
+    os.remove(os.path.join(self.root, 'test', 'empty.png'))
+    for split in ('train', 'test'):
+      self.assertAllEqual(
+        np.stack(list(data.load_split(config, split).as_numpy_iterator())),
+        np.stack(list(data.load_split(clean, split).as_numpy_iterator())),
+      )
+    self.assertEqual(_batches(data.make_train_dataset(config, 3), 1)[0].shape, (3, 8, 8, 3))
+
+  @parameterized.named_parameters(
+    ('truncated_png', 'train/cut.png', 'truncated or corrupt PNG'),
+    ('not_an_image', 'train/notes.png', 'not an image'),
+    ('empty_jpeg', 'test/empty.jpeg', r'empty file \(0 bytes\)'),
+    ('dangling_link', 'train/gone.png', 'cannot be read'),
+    ('unreadable', 'test/secret.png', 'cannot be read'),
+  )
+  def test_names_each_kind_of_bad_file(self, path, reason):
+    png = self._encoded(_random_images(1, 8, 8, seed=7)[0], 'PNG')
+    if path.endswith('cut.png'):
+      self._write(path, png[: len(png) // 2])
+    elif path.endswith('notes.png'):
+      self._write(path, b'just some text, not a picture')
+    elif path.endswith('gone.png'):
+      os.symlink(os.path.join(self.root, 'missing.png'), os.path.join(self.root, path))
+    elif path.endswith('secret.png'):
+      if os.geteuid() == 0:
+        self.skipTest('root reads files whatever their permissions')
+      os.chmod(self._write(path, png), 0)
+    else:
+      self._write(path, b'')
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    with self.assertRaisesRegex(data.BadDataError, re.escape(path) + ': ' + reason):
+      data.check_data(config)
+
+  def test_lists_the_first_ten_bad_files_and_a_count(self):
+    for i in range(12):
+      self._write(f'train/bad{i:02d}.png', b'')
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    with self.assertRaisesRegex(data.BadDataError, '12 of the 16') as caught:
+      data.check_data(config)
+    message = str(caught.exception)
+    self.assertIn('bad09.png', message)
+    self.assertNotIn('bad10.png', message)
+    self.assertIn('and 2 more', message)
+
+  def test_split_left_empty_by_skipping(self):
+    os.remove(os.path.join(self.root, 'test', 'x', 'tall.jpeg'))
+    self._write('test/empty.png', b'')
+    config = data.DataConfig(
+      dataset='image_dir', image_dir=self.root, image_size=8, skip_bad_images=True
+    )
+    with self.assertRaisesRegex(data.BadDataError, r'none of the 1 image files of test/'):
+      data.check_data(config)
+
+  def test_converts_grey_alpha_palette_and_16_bit_files_to_rgb(self):
+    shutil.rmtree(os.path.join(self.root, 'train'))
+    rgb = _random_images(1, 16, 16, seed=9)[0]
+    grey = rgb[..., 0]
+    files = {
+      'train/grey.png': Image.fromarray(grey),
+      'train/grey16.png': Image.fromarray(grey.astype(np.uint16) * 257),
+      'train/grey_alpha.png': Image.fromarray(np.dstack([grey, rgb[..., 1]]), 'LA'),
+      'train/rgba.png': Image.fromarray(np.dstack([rgb, grey])),
+      'train/palette.png': Image.fromarray(rgb).quantize(256),
+    }
+    for path, image in files.items():
+      os.makedirs(os.path.join(self.root, 'train'), exist_ok=True)
+      image.save(os.path.join(self.root, path))
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=16)
+    data.check_data(config)
+    loaded = dict(zip(sorted(files), data.load_split(config, 'train').as_numpy_iterator()))
+    grey_rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for path in ('train/grey.png', 'train/grey16.png', 'train/grey_alpha.png'):
+      self.assertAllEqual(loaded[path], grey_rgb)
+    self.assertAllEqual(loaded['train/rgba.png'], rgb)
+    self.assertEqual(loaded['train/palette.png'].shape, (16, 16, 3))
+
+  def test_size_from_first_readable_image(self):
+    self._write('train/0.png', b'')  # sorts first; the first good image is square.png (16x16)
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, skip_bad_images=True)
+    self.assertEqual(data.image_shape(config), (16, 16, 3))
+    self.assertEqual(data.load_split(config, 'train').element_spec.shape, (16, 16, 3))
+
+  def test_empty_split_folder_names_the_other_files(self):
+    os.remove(os.path.join(self.root, 'test', 'x', 'tall.jpeg'))
+    self._write('test/photo.webp', b'RIFF')
+    config = data.DataConfig(dataset='image_dir', image_dir=self.root, image_size=8)
+    with self.assertRaisesRegex(data.DatasetNotFoundError, r'1 other files.*photo\.webp'):
+      data.check_data(config)
 
 
 class EmbeddedDatasetTest(tf.test.TestCase, parameterized.TestCase):

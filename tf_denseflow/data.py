@@ -1,7 +1,7 @@
 """Input pipelines: TFDS datasets, a folder of images, and the embedded photo-patch dataset.
 
-Every source yields uint8 images `[H, W, 3]`; batches are uint8 `[B, H, W, 3]`. Dequantization
-happens inside the model step, not here.
+Every source yields uint8 images `[H, W, 3]` of the configured size (checked before training);
+batches are uint8 `[B, H, W, 3]`. Dequantization happens inside the model step, not here.
 
 Sources (`DataConfig.dataset`):
 * TFDS by name: `cifar10`, `imagenet_resized/32x32`, `imagenet_resized/64x64`, `celeb_a`, read
@@ -16,6 +16,22 @@ Sources (`DataConfig.dataset`):
   depth (no labels), centre-cropped to a square and resized.
 * A path to a prepared TFDS directory (one holding `dataset_info.json`, or its parent holding
   version folders), read with `tfds.builder_from_directory`.
+
+Images that are not images are refused before training, named, with `BadDataError` (a
+`ValueError`; `check_data` runs all the checks):
+* `image_dir`: every `.png`/`.jpg`/`.jpeg` file of both splits is read and fully decoded once, with
+  the decoder the pipeline uses (`tf.io.decode_image`), in parallel threads (about a millisecond
+  per small image; the result is cached per file, path + size + mtime, so the pipelines built
+  afterwards do not decode again). Unreadable, empty (0-byte), truncated or corrupt files and
+  files that are not images at all are listed (the first 10 and a count, with the reason for
+  each); `skip_bad_images=True` (`--skip_bad_images`) leaves them out instead, with a warning
+  naming each. An empty split (or one left empty by skipping) is refused too.
+* Channels are converted, never refused: grey (8 or 16 bit), grey + alpha, palette, RGBA,
+  16-bit and CMYK files become 8-bit RGB as `decode_image(channels=3)` makes them (alpha is
+  dropped, not composited). The same holds for TFDS image features with 1 or 4 channels.
+* TFDS (named or a directory): the `image` feature must be uint8 with a fixed channel count, and
+  a dataset read as stored must have the configured shape; anything else is refused from the
+  feature spec (no data read) rather than failing in a reshape inside `tf.data`.
 
 Training streams are deterministic: for a given seed, shuffling, file order and augmentation come
 from stateless seeds derived from `(seed, input pipeline, epoch, position in epoch)`, so the same
@@ -36,10 +52,12 @@ import dataclasses
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent import futures
 
 import numpy as np
 import tensorflow as tf
@@ -49,12 +67,14 @@ from absl import logging
 __all__ = [
   'AUGMENTATIONS',
   'DATASETS',
+  'BadDataError',
   'EMBEDDED_NAME',
   'EMBEDDED_VERSION',
   'DataConfig',
   'DatasetNotFoundError',
   'augment',
   'build_embedded_dataset',
+  'check_data',
   'default_embedded_data_dir',
   'embedded_config_name',
   'embedded_patch_boxes',
@@ -90,10 +110,21 @@ _EMBEDDED_DEFAULTS = (20_000, 2_000, 0)  # num_train, num_test, seed
 _EMBEDDED_MAX_ZOOM = 3.0  # patches are crops of 1x..3x the patch side, area-downscaled
 _EMBEDDED_GRID = (4, 5)  # blocks per photo (rows, columns); see embedded_regions
 _AUTOTUNE = tf.data.AUTOTUNE
+_MAX_LISTED = 10  # bad files named in the error message (all are logged)
+_FILE_CHECKS: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime) -> why bad
+_WARNED: set[str] = set()  # warnings already given (skipped files, ignored files)
 
 
 class DatasetNotFoundError(RuntimeError):
   """The requested dataset is not prepared; the message says how to prepare it."""
+
+
+class BadDataError(ValueError):
+  """The data cannot give uint8 images of the configured shape; the message names what and why.
+
+  Bad image files of an image folder (each named, with the reason), an image folder split with no
+  usable image, or a TFDS dataset whose `image` feature cannot become uint8 `[H, W, 3]` images.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +146,8 @@ class DataConfig:
     embedded_num_train: number of training patches of the embedded dataset.
     embedded_num_test: number of test patches of the embedded dataset.
     seed: seed of the embedded dataset's patch positions.
+    skip_bad_images: `image_dir` only: leave out the files that cannot be decoded (a warning
+      names each) instead of refusing the folder with a `BadDataError` that lists them.
   """
 
   dataset: str = 'cifar10'
@@ -129,6 +162,7 @@ class DataConfig:
   embedded_num_train: int = 20_000
   embedded_num_test: int = 2_000
   seed: int = 0
+  skip_bad_images: bool = False
 
   def __post_init__(self):
     if not isinstance(self.dataset, str) or not self.dataset:
@@ -220,6 +254,28 @@ def num_examples(config: DataConfig, split: str) -> int | None:
     return config.embedded_num_train if split == 'train' else config.embedded_num_test
   source = _resolve(config, build=True)
   return source.num_examples(split)
+
+
+def check_data(config: DataConfig) -> None:
+  """Checks, before training, that both splits give uint8 `[H, W, 3]` images of the set size.
+
+  Builds (does not run) the pipelines of `train` and `test`. For `image_dir` that reads and fully
+  decodes every image file of both splits once (see the module docstring; cached, so the
+  pipelines built afterwards do not decode again); for TFDS datasets it checks the `image`
+  feature's dtype and shape and that both splits exist and are not empty (no data read). The
+  embedded dataset is built if missing.
+
+  Args:
+    config: the data configuration.
+
+  Raises:
+    BadDataError: bad image files (the first 10 named with the reason, and a count; with
+      `skip_bad_images` they are skipped with a warning instead), a split with no usable image,
+      or an `image` feature that cannot become uint8 `[H, W, 3]` images.
+    DatasetNotFoundError: the data are missing; the message says how to prepare them.
+  """
+  for split in SPLITS:
+    _load(config, split)
 
 
 def make_train_dataset(
@@ -710,16 +766,27 @@ def _resolve(config: DataConfig, build: bool = True) -> _Source:
   if name in DATASETS:
     size = _named_image_size(config)
     builder = _prepared_builder(name, config.data_dir, config.download)
+    feature = _image_feature(builder, name)
     if name == 'celeb_a':
 
       def preprocess(image):
-        return _celeba_resize(image, size, config.celeba_center_crop)
+        return _celeba_resize(_to_rgb(image), size, config.celeba_center_crop)
 
       return _Source(name, size, preprocess, builder=builder)
+    if tuple(feature.shape) != (size, size, 3):
+      raise BadDataError(
+        f'The prepared TFDS dataset {name!r} in {builder.data_dir!r} holds images of shape '
+        f'{tuple(feature.shape)}, not the {(size, size, 3)} this dataset has; prepare it again '
+        f'(`tfds build {name}`).'
+      )
     return _Source(name, size, _identity, builder=builder)
   if name == 'image_dir':
-    files = _list_image_dir(config.image_dir)
-    size = config.image_size or _first_image_size(files['train'][0])
+    listed = _list_image_dir(config.image_dir)
+    files = listed
+    if build:  # image_shape (build=False) only needs the size, not the full check
+      files = _check_image_dir(config.image_dir, listed, config.skip_bad_images)
+    # From the unchecked list, so that image_shape and the pipelines agree.
+    size = config.image_size or _first_image_size(listed['train'])
     return _Source(name, size, lambda path: _decode_file(path, size), files=files)
   if _looks_like_path(name):
     return _directory_source(name, config.image_size)
@@ -767,16 +834,25 @@ def _load(
       decoders=tfds.decode.PartialDecoding({'image': True}),
     )
   if count == 0:
-    raise ValueError(
+    raise BadDataError(
       f'Split {split!r} of {config.dataset!r} has no examples for input pipeline {shard_index} '
       f'of {num_shards}.'
     )
 
   def preprocess(element):
-    image = element if source.files is not None else element['image']
-    return tf.ensure_shape(source.preprocess(image), [size, size, 3])
+    return source.preprocess(element if source.files is not None else element['image'])
 
-  return ds.map(preprocess, num_parallel_calls=_AUTOTUNE), count, size
+  spec = ds.map(preprocess).element_spec
+  if spec.dtype != tf.uint8 or not spec.shape.is_compatible_with([size, size, 3]):
+    raise BadDataError(  # a guard: the checks of _resolve should make this unreachable
+      f'Dataset {config.dataset!r} gives {spec.dtype.name} images of shape {spec.shape}, not '
+      f'uint8 images of shape {(size, size, 3)}.'
+    )
+  ds = ds.map(
+    lambda element: tf.ensure_shape(preprocess(element), [size, size, 3]),
+    num_parallel_calls=_AUTOTUNE,
+  )
+  return ds, count, size
 
 
 def _prepared_builder(name: str, data_dir: str | None, download: bool) -> tfds.core.DatasetBuilder:
@@ -846,22 +922,39 @@ def _directory_source(path: str, image_size: int | None) -> _Source:
       )
     path = os.path.join(path, max(versions, key=_version_key))
   builder = tfds.builder_from_directory(path)
-  feature = builder.info.features['image'] if 'image' in builder.info.features else None
-  if not isinstance(feature, tfds.features.Image):
-    raise ValueError(f'The TFDS dataset in {path!r} has no `image` feature.')
+  feature = _image_feature(builder, path)
   height, width, channels = feature.shape
-  if channels not in (1, 3):
-    raise ValueError(f'The TFDS dataset in {path!r} has {channels}-channel images; need 1 or 3.')
   size = image_size
   if size is None:
     if height is None or height != width:
-      raise ValueError(
+      raise BadDataError(
         f'The images in {path!r} have shape {feature.shape}; set `image_size` to resize them.'
       )
     size = height
   if (height, width, channels) == (size, size, 3):
     return _Source(path, size, _identity, builder=builder)
   return _Source(path, size, lambda image: _square_resize(image, size), builder=builder)
+
+
+def _image_feature(builder: tfds.core.DatasetBuilder, name: str) -> tfds.features.Image:
+  """The `image` feature of a TFDS dataset, if the pipeline can make uint8 RGB images of it."""
+  features = builder.info.features
+  feature = features['image'] if 'image' in features else None
+  if not isinstance(feature, tfds.features.Image):
+    raise BadDataError(f'The TFDS dataset {name!r} has no `image` feature (an Image feature).')
+  dtype = tf.as_dtype(feature.tf_dtype)
+  if dtype != tf.uint8:
+    raise BadDataError(
+      f'The TFDS dataset {name!r} stores {dtype.name} images; the model reads 8-bit (uint8) '
+      'images: convert the dataset to uint8 first.'
+    )
+  channels = feature.shape[-1]
+  if channels not in (1, 3, 4):
+    raise BadDataError(
+      f'The TFDS dataset {name!r} has images of shape {feature.shape}: the number of channels '
+      'must be fixed, 1 (grey), 3 (RGB) or 4 (RGBA); TF cannot decode 2 (grey + alpha).'
+    )
+  return feature
 
 
 def _version_key(version: str) -> tuple:
@@ -872,6 +965,7 @@ def _version_key(version: str) -> tuple:
 
 
 def _list_image_dir(image_dir: str) -> dict[str, tuple[str, ...]]:
+  """The sorted image files (by extension) of each split of an image folder."""
   root = os.path.expanduser(image_dir)
   if not tf.io.gfile.isdir(root):
     raise DatasetNotFoundError(f'`image_dir` {image_dir!r} is not an existing directory.')
@@ -883,24 +977,159 @@ def _list_image_dir(image_dir: str) -> dict[str, tuple[str, ...]]:
         f'`image_dir` {image_dir!r} has no {split}/ subfolder; expected {split}/ with PNG or '
         'JPEG files (any nesting) for each of train/ and test/.'
       )
-    found = []
+    found, others = [], []
     for dirpath, _, filenames in tf.io.gfile.walk(split_dir):
-      found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+      for filename in filenames:
+        path = os.path.join(dirpath, filename)
+        (found if filename.lower().endswith(IMAGE_EXTENSIONS) else others).append(path)
+    others.sort()
     if not found:
+      held = f' (it holds {len(others)} other files, e.g. {others[0]!r})' if others else ''
       raise DatasetNotFoundError(
-        f'`image_dir` {image_dir!r}: {split}/ contains no image files {IMAGE_EXTENSIONS}.'
+        f'`image_dir` {image_dir!r}: {split}/ contains no image files {IMAGE_EXTENSIONS}{held}.'
+      )
+    if others and _warn_once(f'ignored:{split_dir}'):
+      logging.warning(
+        'Ignoring %d files of %s without an image extension %s, e.g. %s.',
+        len(others),
+        split_dir,
+        IMAGE_EXTENSIONS,
+        others[0],
       )
     files[split] = tuple(sorted(found))
   return files
 
 
-def _first_image_size(path: str) -> int:
+def _check_image_dir(
+  image_dir: str, files: dict[str, tuple[str, ...]], skip_bad: bool
+) -> dict[str, tuple[str, ...]]:
+  """The files of `files` that decode into images; refuses (or skips) the others, named."""
+  paths = [path for split in SPLITS for path in files[split]]
+  results = _check_image_files(paths)
+  bad = [(path, results[path]) for path in paths if results[path] is not None]
+  root = os.path.expanduser(image_dir)
+  if bad and not skip_bad:
+    if len(bad) > _MAX_LISTED:  # the message names the first ones; the log names them all
+      for path, reason in bad:
+        logging.error('Bad image file %s: %s', path, reason)
+    listed = '; '.join(f'{_relative(path, root)}: {reason}' for path, reason in bad[:_MAX_LISTED])
+    more = len(bad) - _MAX_LISTED
+    listed += f'; and {more} more (all in the log)' if more > 0 else ''
+    raise BadDataError(
+      f'{len(bad)} of the {len(paths)} image files in image_dir {image_dir!r} cannot be decoded '
+      f'into images: {listed}. Fix or remove them, or pass --skip_bad_images '
+      '(`skip_bad_images=True`) to leave them out.'
+    )
+  for path, reason in bad:
+    if _warn_once(f'skip:{path}:{reason}'):
+      logging.warning('Skipping bad image file %s: %s', path, reason)
+  good = {}
+  for split in SPLITS:
+    good[split] = tuple(path for path in files[split] if results[path] is None)
+    if not good[split]:
+      first = files[split][0]
+      raise BadDataError(
+        f'`image_dir` {image_dir!r}: none of the {len(files[split])} image files of {split}/ '
+        f'can be decoded, so skip_bad_images leaves none; first: {_relative(first, root)}: '
+        f'{results[first]}.'
+      )
+  return good
+
+
+def _check_image_files(paths: Sequence[str]) -> dict[str, str | None]:
+  """`{path: why it is bad, or None}`, from the cache or a full decode."""
+  keys = {}
+  for path in paths:
+    try:
+      stat = tf.io.gfile.stat(path)
+      keys[path] = (path, stat.length, stat.mtime_nsec)
+    except tf.errors.OpError:
+      keys[path] = (path, -1, -1)  # unreadable or a dangling link: _check_image_file says why
+  todo = [path for path in paths if keys[path] not in _FILE_CHECKS]
+  if todo:
+    start = time.perf_counter()
+    with futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+      for path, result in zip(todo, pool.map(_check_image_file, todo)):
+        _FILE_CHECKS[keys[path]] = result
+    logging.info('Decoded %d image files in %.1f s.', len(todo), time.perf_counter() - start)
+  return {path: _FILE_CHECKS[keys[path]] for path in paths}
+
+
+def _check_image_file(path: str) -> str | None:
+  """Reads and decodes one file as the pipeline does: why it is bad, or None."""
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      contents = f.read()
+  except (tf.errors.OpError, OSError) as e:
+    return f'cannot be read ({_error_text(e)})'
+  if not contents:
+    return 'empty file (0 bytes)'
+  try:
+    with tf.device('/CPU:0'):
+      image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+  except tf.errors.OpError as e:
+    kind = _image_format(contents)
+    if kind is None:
+      return f'not an image (not JPEG, PNG, GIF, BMP or WebP; it starts with {contents[:8]!r})'
+    return f'truncated or corrupt {kind} ({_error_text(e)})'
+  height, width, channels = image.shape
+  if image.dtype != tf.uint8 or channels != 3 or not height or not width:
+    return f'decodes to {image.dtype.name} {image.shape}, not an RGB image'
+  return None
+
+
+def _image_format(contents: bytes) -> str | None:
+  """The image format named by the file's first bytes (for the message of a failed decode)."""
+  if contents.startswith(b'\xff\xd8\xff'):
+    return 'JPEG'
+  if contents.startswith(b'\x89PNG'):
+    return 'PNG'
+  if contents.startswith((b'GIF87a', b'GIF89a')):
+    return 'GIF'
+  if contents.startswith(b'BM'):
+    return 'BMP'
+  if contents.startswith(b'RIFF') and contents[8:12] == b'WEBP':
+    return 'WebP'
+  return None
+
+
+def _error_text(error: Exception) -> str:
+  """A TF or OS error as one short line (without TF's function-node and op decorations)."""
+  text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+  text = re.sub(r'\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]', '', text)
+  return ' '.join(text.split()) or type(error).__name__
+
+
+def _relative(path: str, root: str) -> str:
+  return path[len(root) :].lstrip('/') if path.startswith(root) else path
+
+
+def _warn_once(key: str) -> bool:
+  """True the first time `key` is seen in this process."""
+  if key in _WARNED:
+    return False
+  _WARNED.add(key)
+  return True
+
+
+def _first_image_size(paths: Sequence[str]) -> int:
+  """Side of the first image whose header Pillow reads (`image_size=None` for `image_dir`)."""
   from PIL import Image
 
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    width, height = Image.open(f).size
+  for path in paths:
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        width, height = Image.open(f).size
+      break
+    except (OSError, ValueError, Image.DecompressionBombError, tf.errors.OpError):
+      continue
+  else:
+    raise BadDataError(
+      f'`image_size` is None and none of the {len(paths)} train images of image_dir has a '
+      f'readable header (first: {paths[0]!r}); set `image_size`, and see data.check_data.'
+    )
   if width != height:
-    raise ValueError(
+    raise BadDataError(
       f'`image_size` is None but the images in image_dir are not square (first one, {path!r}, '
       f'is {width}x{height}); set `image_size`.'
     )
@@ -921,10 +1150,22 @@ def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """`[H, W, C]` with a static C of 1, 3 or 4 as RGB, as `decode_image(channels=3)` does it.
+
+  Grey (C=1) is repeated; RGBA (C=4) loses the alpha (dropped, not composited).
+  """
+  channels = image.shape[-1]
+  if channels == 1:
+    return tf.image.grayscale_to_rgb(image)
+  if channels == 4:
+    return image[..., :3]
+  return image
+
+
 def _square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Centre crop to a square, then resize to `size`; grey images become RGB."""
-  if image.shape[-1] == 1:
-    image = tf.image.grayscale_to_rgb(image)
+  """Centre crop to a square, then resize to `size`; grey and RGBA images become RGB."""
+  image = _to_rgb(image)
   shape = tf.shape(image)
   side = tf.minimum(shape[0], shape[1])
   top = (shape[0] - side) // 2
