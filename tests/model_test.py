@@ -387,6 +387,142 @@ class DenseFlowTest(tf.test.TestCase, parameterized.TestCase):
       tdf.DenseFlow({'image_shape': (16, 16, 3)})
 
 
+_NAN = float('nan')
+
+
+class InputChecksTest(tf.test.TestCase, parameterized.TestCase):
+  """Inputs that cannot be scored right are refused by name: eager, NumPy, tensors, tf.function."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = _small_config(dequantization='uniform')
+    cls.model = _initialized_perturbed(cls.config, seed=4)
+    cls.images = _images(cls.config, 3, seed=9)
+
+  @parameterized.named_parameters(
+    ('float_unit_interval', lambda im: (im / 255.0).astype(np.float32)),
+    ('int32_300', lambda im: np.full(im.shape, 300, np.int32)),
+    ('int64_negative', lambda im: np.full(im.shape, -5, np.int64)),
+    ('float_nan', lambda im: np.where(im > 128, _NAN, im).astype(np.float32)),
+    ('float_fraction', lambda im: im.astype(np.float64) + 0.5),
+    ('float_inf', lambda im: np.full(im.shape, np.inf, np.float32)),
+  )
+  def test_images_that_are_not_levels_are_refused_by_name(self, make):
+    bad = make(self.images)
+    for method in (
+      lambda im: self.model.elbo(im),
+      lambda im: self.model.bits_per_dim(im),
+      lambda im: self.model.log_prob_bound(im, num_samples=2),
+      lambda im: self.model.log_likelihood_terms(im),
+    ):
+      for images in (bad, tf.constant(bad)):
+        with self.assertRaisesRegex(ValueError, '`images` must hold integer pixel levels'):
+          method(images)
+    traced = tf.function(lambda im: self.model.elbo(im, [1, 2]))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, '`images` must hold integer'):
+      traced(tf.constant(bad))
+
+  def test_integer_levels_in_any_dtype_score_as_uint8(self):
+    want = self.model.elbo(self.images, [1, 2])
+    for dtype in (np.int32, np.int64, np.float32, np.float64):
+      self.assertAllClose(self.model.elbo(self.images.astype(dtype), [1, 2]), want, atol=1e-4)
+    traced = tf.function(lambda im: self.model.elbo(im, [1, 2]))
+    self.assertAllClose(traced(tf.constant(self.images, tf.float32)), want, atol=1e-4)
+
+  @parameterized.named_parameters(
+    ('zero', 0, ValueError),
+    ('negative_numpy', np.int64(-3), ValueError),
+    ('fraction', 2.5, ValueError),
+    ('nan', _NAN, ValueError),
+    ('tensor_zero', tf.constant(0), ValueError),
+    ('bool', True, TypeError),
+    ('string', '4', TypeError),
+  )
+  def test_bad_counts_are_refused_by_name(self, value, error):
+    with self.assertRaisesRegex(error, '`num_samples`'):
+      self.model.log_prob_bound(self.images, num_samples=value)
+    with self.assertRaisesRegex(error, '`num_samples`'):
+      self.model.bits_per_dim(self.images, num_samples=value)
+    with self.assertRaisesRegex(error, '`chunk_size`'):
+      self.model.log_prob_bound(self.images, num_samples=2, chunk_size=value)
+    if not (error is ValueError and float(np.asarray(value)) == 0):  # sample(0): an empty batch
+      with self.assertRaisesRegex(error, '`num`'):
+        self.model.sample(value)
+
+  @parameterized.named_parameters(
+    ('nan', _NAN),
+    ('negative', -1.0),
+    ('numpy_inf', np.float32(np.inf)),
+    ('tensor', tf.constant(-0.5)),
+  )
+  def test_bad_temperature_is_refused_by_name(self, value):
+    with self.assertRaisesRegex(ValueError, '`temperature`'):
+      self.model.sample(2, [1, 2], temperature=value)
+
+  def test_bad_counts_inside_tf_function_fail_by_name(self):
+    traced = tf.function(lambda n: self.model.log_prob_bound(self.images, num_samples=n))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, '`num_samples` must be >= 1'):
+      traced(tf.constant(0))
+    self.assertAllClose(traced(tf.constant(2)), self.model.log_prob_bound(self.images, 2))
+
+  @parameterized.named_parameters(
+    ('float', [1.5, 2.0], TypeError), ('three', [1, 2, 3], ValueError), ('bool', True, TypeError)
+  )
+  def test_bad_seeds_are_refused_by_name(self, seed, error):
+    with self.assertRaisesRegex(error, '`seed`'):
+      self.model.elbo(self.images, seed)
+    with self.assertRaisesRegex(error, '`seed`'):
+      self.model.sample(2, seed)
+
+  def test_empty_batches(self):
+    # oneDNN's Conv2D returns its input for an empty batch on Intel AMX CPUs (BUILD.md).
+    empty = np.zeros([0, *self.config.image_shape], np.uint8)
+    self.assertEqual(self.model.elbo(empty).shape, [0])
+    self.assertEqual(self.model.log_prob_bound(empty, 3).shape, [0])
+    self.assertEqual(self.model.sample(0, [1, 2]).shape, [0, *self.config.image_shape])
+    traced = tf.function(
+      lambda im: self.model.elbo(im, [1, 2]),
+      input_signature=[tf.TensorSpec([None, *self.config.image_shape], tf.uint8)],
+    )
+    self.assertEqual(traced(empty).shape, [0])
+    self.assertAllClose(traced(self.images), self.model.elbo(self.images, [1, 2]), atol=1e-4)
+
+
+class NumBitsTest(tf.test.TestCase):
+  """`num_bits < 8` follows Glow: low bits dropped, bits/dim per 2**num_bits-level dimension."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = _small_config(num_bits=5)
+    cls.model = tdf.DenseFlow(cls.config, seed=2)
+    cls.model.initialize(_images(cls.config, 16, seed=1))
+
+  def test_about_num_bits_per_dim_at_init_on_uniform_data(self):
+    bpd = float(
+      tf.reduce_mean(self.model.bits_per_dim(_images(self.config, 16, seed=2), seed=[1, 2]))
+    )
+    self.assertBetween(bpd, 4.9, 6.0)  # an 8-bit model scores about 8 here
+
+  def test_the_low_bits_are_ignored(self):
+    images = _images(self.config, 4, seed=3)
+    low = np.random.default_rng(4).integers(0, 8, images.shape, dtype=np.uint8)
+    self.assertAllEqual(self.model.elbo(images, [3, 4]), self.model.elbo(images ^ low, [3, 4]))
+    self.assertNotAllClose(self.model.elbo(images, [3, 4]), self.model.elbo(images // 2, [3, 4]))
+
+  def test_samples_are_on_the_0_to_255_scale(self):
+    samples = self.model.sample(8, [5, 6]).numpy()
+    self.assertEqual(samples.dtype, np.uint8)
+    self.assertAllEqual(samples % 8, np.zeros_like(samples))
+    self.assertGreater(samples.max(), 31)
+
+  def test_num_bits_out_of_range_is_refused(self):
+    for bad in (0, 9, 5.5, True):
+      with self.assertRaisesRegex((ValueError, TypeError), '`num_bits`'):
+        _small_config(num_bits=bad)
+
+
 class InitializationAndVariablesTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):

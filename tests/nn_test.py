@@ -192,6 +192,15 @@ class ConvTest(tf.test.TestCase, parameterized.TestCase):
     want = tf.nn.conv2d(x, layer.kernel, strides, padding.upper()) + layer.bias
     self.assertAllClose(layer(x), want, atol=1e-5)
 
+  @parameterized.named_parameters(
+    ('1x1', 1, 1, 'same'), ('3x3', 3, 1, 'same'), ('2x2s2', 2, 2, 'valid')
+  )
+  def test_empty_batch_has_the_output_shape(self, size, strides, padding):
+    # oneDNN's Conv2D returns its input for an empty batch on Intel AMX CPUs (BUILD.md).
+    layer = nn.Conv(16, 8, size, strides=strides, padding=padding, seeds=nn.Seeds(1))
+    out = [0, 4 // strides, 4 // strides, 8]
+    self.assertEqual(layer(tf.zeros([0, 4, 4, 16])).shape, out)  # traced: model_test
+
   @parameterized.named_parameters(('1x1', 1, 1, 'same'), ('3x3', 3, 1, 'same'))
   def test_relu_activation(self, size, strides, padding):
     layer = nn.Conv(3, 5, size, activation='relu', seeds=nn.Seeds(1))

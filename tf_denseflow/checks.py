@@ -18,7 +18,7 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow as tf
 
-__all__ = ['check_float', 'check_int', 'concrete_value']
+__all__ = ['check_float', 'check_images', 'check_int', 'check_seed', 'concrete_value']
 
 Number = Union[int, float, np.number, np.ndarray, tf.Tensor]
 
@@ -153,3 +153,101 @@ def check_float(
 def is_number(value) -> bool:
   """Whether `value` is a Python or NumPy real number (not a bool)."""
   return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+_IMAGE_DTYPES = (
+  tf.uint8,
+  tf.uint16,
+  tf.int8,
+  tf.int16,
+  tf.int32,
+  tf.int64,
+  tf.float16,
+  tf.bfloat16,
+  tf.float32,
+  tf.float64,
+)
+
+
+def check_images(images, image_shape, name: str = 'images') -> tf.Tensor:
+  """Checks a batch of 8-bit images; returns them as float32 levels `[B, H, W, C]` in 0..255.
+
+  An image is integer levels `0..255` (the uint8 scale, whatever `num_bits` the model uses):
+  uint8 always passes; other integer and float dtypes pass when every value is an integer in
+  `[0, 256)`. Floats in `[0, 1]`, values such as 300 or -5, fractions and NaN are refused: in
+  eager mode at once, inside `tf.function` by an assertion that runs before the values are used
+  (`InvalidArgumentError` with the same message).
+
+  Args:
+    images: `[B, H, W, C]` array-like.
+    image_shape: the model's `(H, W, C)`.
+    name: the argument's name for the messages.
+
+  Raises:
+    TypeError: a bool, complex or string dtype, or not convertible to a tensor.
+    ValueError: a wrong rank or event shape, or values that are not integer levels 0..255.
+  """
+  try:
+    images = tf.convert_to_tensor(images)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'`{name}` must be a [batch, H, W, C] array of pixel levels: {e}') from None
+  if images.dtype not in _IMAGE_DTYPES:
+    raise TypeError(
+      f'`{name}` must be uint8 (or integer levels 0..255 in an integer or float dtype), '
+      f'got dtype {images.dtype.name}.'
+    )
+  if images.shape.rank is not None and (
+    images.shape.rank != 4 or not images.shape[1:].is_compatible_with(image_shape)
+  ):
+    raise ValueError(
+      f'`{name}` must have shape [batch, {", ".join(map(str, image_shape))}], got {images.shape}.'
+    )
+  if images.dtype == tf.uint8:
+    return tf.cast(images, tf.float32)
+  message = f'`{name}` must hold integer pixel levels in [0, 255] (uint8 scale)'
+  if hasattr(images, 'numpy'):  # eager: check now, naming the first bad value
+    values = images.numpy()
+    if np.issubdtype(values.dtype, np.floating) or values.dtype == tf.bfloat16.as_numpy_dtype:
+      values = values.astype(np.float64)
+      bad = ~np.isfinite(values) | (values != np.floor(values)) | (values < 0) | (values > 255)
+    else:
+      bad = (values < 0) | (values > 255)
+    if np.any(bad):
+      index = tuple(int(i) for i in np.argwhere(bad)[0])
+      finite = values[np.isfinite(values)] if values.dtype.kind == 'f' else values
+      span = f'; values span [{finite.min()}, {finite.max()}]' if finite.size else ''
+      raise ValueError(
+        f'{message}, got {values[index]!r} at index {list(index)}{span}'
+        f' ({int(np.count_nonzero(bad))} bad values). Floats in [0, 1] must be scaled by 255.'
+      )
+    return tf.cast(images, tf.float32)
+  wide = tf.cast(images, tf.float64) if images.dtype.is_floating else tf.cast(images, tf.int64)
+  ok = (wide >= 0) & (wide <= 255)
+  if images.dtype.is_floating:
+    ok &= tf.math.is_finite(wide) & tf.equal(wide, tf.floor(wide))
+  check = tf.debugging.Assert(
+    tf.reduce_all(ok),
+    [f'{message}; got values in [min, max] =', tf.reduce_min(wide), tf.reduce_max(wide)],
+  )
+  with tf.control_dependencies([check]):
+    return tf.cast(images, tf.float32)
+
+
+def check_seed(seed, name: str = 'seed') -> tf.Tensor:
+  """A stateless seed: two integers (`[2]`, any integer dtype) -> int64 tensor `[2]`.
+
+  Raises:
+    TypeError: a float, bool or string seed.
+    ValueError: a shape other than `[2]`.
+  """
+  if isinstance(seed, (bool, np.bool_)):
+    raise TypeError(f'`{name}` must be two integers, got {seed!r}.')
+  try:
+    t = tf.convert_to_tensor(seed)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'`{name}` must be two integers: {e}') from None
+  if not t.dtype.is_integer:
+    raise TypeError(f'`{name}` must be two integers, got dtype {t.dtype.name}.')
+  if t.shape.rank is not None and t.shape.as_list() not in ([2], [None]):
+    raise ValueError(f'`{name}` must have shape [2], got {t.shape}.')
+  return tf.cast(t, tf.int64)

@@ -9,12 +9,37 @@ import dataclasses
 import math
 from typing import Tuple
 
+import numpy as np
+
+from tf_denseflow.checks import check_int
+
 __all__ = ['DenseFlowConfig']
 
 _DEQUANTIZATIONS = ('variational', 'uniform')
 _SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
 _ATTENTION_TOKENS = ('official', 'pixel')
 _COUPLING_DTYPES = ('float32', 'bfloat16')
+# Integer fields: (name, minimum, maximum); `None` is unbounded.
+_INT_FIELDS = (
+  ('num_bits', 1, 8),
+  ('growth_rate', 0, None),
+  ('dense_depth', 1, None),
+  ('dense_growth', 1, None),
+  ('attention_landmarks', 1, None),
+  ('dequant_steps', 1, None),
+  ('dequant_context_channels', 1, None),
+  ('dequant_mid_channels', 1, None),
+  ('dequant_depth', 1, None),
+  ('dequant_growth', 1, None),
+  ('dequant_context_depth', 1, None),
+  ('dequant_context_growth', 1, None),
+)
+_BOOL_FIELDS = (
+  'use_attention',
+  'use_cross_unit_coupling',
+  'cross_unit_include_previous',
+  'use_recompute_grad',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +53,11 @@ class DenseFlowConfig:
 
   Attributes:
     image_shape: `(H, W, C)` of the uint8 images; H and W divisible by `2**num_blocks`.
-    num_bits: bits per sub-pixel of the data (8 for uint8 images).
+    num_bits: bits per sub-pixel the model sees, 1..8 (Glow's `n_bits_x`). Inputs are always
+      uint8-scale images (integer levels 0..255); with `num_bits < 8` the model drops their
+      `8 - num_bits` low bits (`images // 2**(8 - num_bits)`), bits/dim are per
+      `2**num_bits`-level dimension, and samples come back on the 0..255 scale
+      (`level * 2**(8 - num_bits)`).
     units_per_block: units per dense block (paper: 6, 4, 1).
     steps_per_unit: Glow steps per unit, per block (paper: 5, 6, 20).
     coupling_channels: width of the coupling networks, per block (paper: 48).
@@ -84,18 +113,23 @@ class DenseFlowConfig:
   use_recompute_grad: bool = False
 
   def __post_init__(self):
-    # Normalise sequences to tuples of Python ints (frozen: use object.__setattr__).
+    # Normalise every number to a Python int (frozen: use object.__setattr__), refusing floats
+    # with a fraction, bools, NaN and out-of-range values by name (checks.check_int).
     for name in ('image_shape', 'units_per_block', 'steps_per_unit', 'coupling_channels'):
       value = getattr(self, name)
-      try:
-        value = tuple(int(v) for v in value)
-      except TypeError:
-        raise ValueError(f'`{name}` must be a sequence of ints, got {value!r}.') from None
+      if isinstance(value, (str, bytes)) or not hasattr(value, '__iter__'):
+        raise ValueError(f'`{name}` must be a sequence of ints, got {value!r}.')
+      value = tuple(check_int(f'{name}[{i}]', v, minimum=1) for i, v in enumerate(value))
       object.__setattr__(self, name, value)
+    for name, minimum, maximum in _INT_FIELDS:
+      object.__setattr__(self, name, check_int(name, getattr(self, name), minimum, maximum))
+    for name in _BOOL_FIELDS:
+      value = getattr(self, name)
+      if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f'`{name}` must be a bool, got {value!r}.')
+      object.__setattr__(self, name, bool(value))
     if len(self.image_shape) != 3:
       raise ValueError(f'`image_shape` must be (H, W, C), got {self.image_shape}.')
-    if any(v <= 0 for v in self.image_shape):
-      raise ValueError(f'`image_shape` must be positive, got {self.image_shape}.')
     n = len(self.units_per_block)
     if n == 0:
       raise ValueError('`units_per_block` must name at least one block.')
@@ -104,26 +138,6 @@ class DenseFlowConfig:
         raise ValueError(
           f'`{name}` must have one entry per block ({n}), got {getattr(self, name)}.'
         )
-    for name in ('units_per_block', 'steps_per_unit', 'coupling_channels'):
-      if any(v <= 0 for v in getattr(self, name)):
-        raise ValueError(f'`{name}` must be positive, got {getattr(self, name)}.')
-    for name in (
-      'num_bits',
-      'dense_depth',
-      'dense_growth',
-      'attention_landmarks',
-      'dequant_steps',
-      'dequant_context_channels',
-      'dequant_mid_channels',
-      'dequant_depth',
-      'dequant_growth',
-      'dequant_context_depth',
-      'dequant_context_growth',
-    ):
-      if int(getattr(self, name)) <= 0:
-        raise ValueError(f'`{name}` must be positive, got {getattr(self, name)}.')
-    if self.growth_rate < 0:
-      raise ValueError(f'`growth_rate` must be >= 0, got {self.growth_rate}.')
     if self.growth_rate == 0 and any(u > 1 for u in self.units_per_block):
       raise ValueError('`growth_rate` must be positive when a block has more than one unit.')
     h, w, _ = self.image_shape

@@ -76,6 +76,7 @@ class VariationalDequantization(tf.Module):
     squeeze_order: str = 'channel_major',
     seeds: Optional[Seeds] = None,
     name: str = 'variational_dequantization',
+    num_bits: int = 8,
   ):
     super().__init__(name=name)
     seeds = seeds or Seeds()
@@ -85,7 +86,9 @@ class VariationalDequantization(tf.Module):
     channels = 4 * c
     self._channels = channels
     with self.name_scope:
-      self.context_net = ContextNetwork(c, context_channels, context_depth, context_growth, seeds)
+      self.context_net = ContextNetwork(
+        c, context_channels, context_depth, context_growth, seeds, num_bits=num_bits
+      )
       self.loc = tf.Variable(tf.zeros([channels]), name='loc')
       self.log_scale = tf.Variable(tf.zeros([channels]), name='log_scale')
       self.convs = [InvertibleConv1x1(channels, seed=seeds()) for _ in range(num_steps + 1)]
@@ -110,10 +113,10 @@ class VariationalDequantization(tf.Module):
   def sample_and_log_prob(
     self, images: tf.Tensor, seed=None, noise: Optional[tf.Tensor] = None, training=False
   ):
-    """Returns `(u, log q(u|x))` for uint8 `images [B, H, W, C]`.
+    """Returns `(u, log q(u|x))` for `images [B, H, W, C]`.
 
     Args:
-      images: uint8 (or integer-valued float) images.
+      images: the model's integer levels `0..2**num_bits - 1` (float32 or integer dtype).
       seed: stateless seed `[2]` for the Gaussian noise (ignored when `noise` is given).
       noise: optional `[B, H/2, W/2, 4C]` standard-normal draw to use instead (parity replay).
       training: batch-norm mode (unused: this flow has no batch norm).

@@ -6,13 +6,14 @@ Grcic, Grubisic, Segvic. Densely connected normalizing flows. NeurIPS 2021.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob
+from tf_denseflow.checks import check_float, check_images, check_int, check_seed
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.dequantization import UniformDequantization, VariationalDequantization
 from tf_denseflow.flow import DenseFlowBijector
@@ -23,30 +24,18 @@ tfd = tfp.distributions
 __all__ = ['DenseFlow']
 
 
-def _check_images(images, image_shape) -> tf.Tensor:
-  """Converts to a uint8-valued float32 tensor, raising a clear error on a wrong shape/dtype."""
-  images = tf.convert_to_tensor(images)
-  if images.dtype not in (tf.uint8, tf.int32, tf.int64, tf.float32, tf.float64):
-    raise TypeError(f'`images` must be uint8 (or integer-valued), got dtype {images.dtype.name}.')
-  if images.shape.rank is not None and (
-    images.shape.rank != 4 or not images.shape[1:].is_compatible_with(image_shape)
-  ):
-    raise ValueError(
-      f'`images` must have shape [batch, {", ".join(map(str, image_shape))}], got {images.shape}.'
-    )
-  return tf.cast(images, tf.float32)
-
-
 class DenseFlow(tf.Module):
   """DenseFlow: a normalizing flow over images, widened by noise (incremental augmentation).
 
   The flow is an exact bijection between latents and `[x, noise_1..noise_K]`, where `x` is the
   dequantized image in `[0, 1]` and `noise_k ~ N(0, I)` the augmentation noise. For uint8 images
-  (D = H*W*C, b = num_bits):
+  (D = H*W*C, b = num_bits, levels = images // 2**(8 - b), Glow's reduction to b bits):
   ```
-  log P(images) >= E_{u, noise}[ log p(x, noise) - log N(noise; 0, I) - log q(u|images) ] - D b ln 2
-  x = (images + u) / 2**b
+  log P(levels) >= E_{u, noise}[ log p(x, noise) - log N(noise; 0, I) - log q(u|levels) ] - D b ln 2
+  x = (levels + u) / 2**b
   ```
+  Images are integer levels 0..255 (uint8, or integer-valued in another dtype); anything else
+  (floats in [0, 1], 300, -5, NaN) is refused with an error naming `images`.
   `elbo` draws one `(u, noise)`, `log_prob_bound` takes the log-mean-exp of `num_samples` draws
   (the importance-weighted bound, IWBO).
 
@@ -76,6 +65,7 @@ class DenseFlow(tf.Module):
           context_growth=config.dequant_context_growth,
           squeeze_order=config.squeeze_order,
           seeds=seeds,
+          num_bits=config.num_bits,
         )
       else:
         self.dequantizer = UniformDequantization(config.image_shape)
@@ -170,11 +160,24 @@ class DenseFlow(tf.Module):
     """
     if self.is_initialized:
       return
-    images = _check_images(images, self.config.image_shape)
-    self._log_likelihood(images, tf.constant(seed, tf.int64), training=True, data_init=True)
+    self._log_likelihood(self.levels(images), check_seed(seed), training=True, data_init=True)
 
   # ---------------------------------------------------------------------------------------------
   # Likelihood.
+
+  def levels(self, images) -> tf.Tensor:
+    """Checked 8-bit `images` -> the model's float32 levels `0..2**num_bits - 1`, `[B, H, W, C]`.
+
+    Glow's reduction: the `8 - num_bits` low bits are dropped (`images // 2**(8 - num_bits)`).
+
+    Raises:
+      TypeError, ValueError: `images` not a `[B, H, W, C]` batch of integer levels 0..255
+        (`checks.check_images`).
+    """
+    images = check_images(images, self.config.image_shape)
+    if self.config.num_bits < 8:
+      images = tf.floor(images / float(2 ** (8 - self.config.num_bits)))
+    return images
 
   def _draw_noise(self, batch, seed) -> List[tf.Tensor]:
     seeds = tf.random.experimental.stateless_split(seed, max(1, len(self.config.noise_shapes())))
@@ -195,7 +198,7 @@ class DenseFlow(tf.Module):
     """The single-sample bound split into its terms, each `[B]` nats.
 
     Args:
-      images: uint8 `[B, H, W, C]`.
+      images: uint8 `[B, H, W, C]` (integer levels 0..255 in any integer or float dtype).
       seed: stateless seed `[2]` (int) for the dequantization and augmentation noise.
       training: batch-norm mode of the coupling networks.
       dequant_noise: optional dequantizer noise to replay instead of drawing (parity tests).
@@ -207,10 +210,46 @@ class DenseFlow(tf.Module):
       and `sum(log_sigma)` of its cross-unit couplings), `noise_block{b}` (`-log N(noise; 0, I)`
       of the block's noise), `transition{b}` (`log N(z_out; 0, I)`), `base` (`log N(z_B; loc,
       scale)`), and `total`, their sum: the single-sample ELBO.
+
+    Raises:
+      TypeError, ValueError: bad `images` (see `levels`) or `seed` (not two integers).
     """
-    images = _check_images(images, self.config.image_shape)
-    if seed is None:
-      seed = tf.constant([0, 0], tf.int64)
+    seed = tf.constant([0, 0], tf.int64) if seed is None else check_seed(seed)
+    return self._terms(self.levels(images), seed, training, dequant_noise, noise, data_init)
+
+  def _unless_empty(self, batch, compute: Callable, empty: Callable):
+    """`compute()`, or `empty()` when `batch` is 0 (a static 0, or one `tf.cond` in graphs).
+
+    TF 2.21's oneDNN `Conv2D` on Intel AMX CPUs returns its input for an empty batch (BUILD.md,
+    "Known TF bugs"), so inference never runs the networks on one. Not for training passes:
+    their batch-norm updates are recorded from the pass, which a branch would hide.
+    """
+    static = tf.get_static_value(batch)
+    if static is not None:
+      return compute() if static > 0 else empty()
+    return tf.cond(batch > 0, compute, empty)
+
+  def _term_names(self) -> List[str]:
+    n = self.config.num_blocks
+    names = ['dequantization']
+    for b in range(n):
+      names += [f'block{b}', f'noise_block{b}'] + ([f'transition{b}'] if b < n - 1 else [])
+    return names + ['base', 'total']
+
+  def _terms(self, images, seed, training, dequant_noise=None, noise=None, data_init=False):
+    """`log_likelihood_terms` of checked float32 levels (`levels`) and an integer seed `[2]`."""
+    compute = lambda: self._nonempty_terms(  # noqa: E731
+      images, seed, training, dequant_noise, noise, data_init
+    )
+    if training or data_init:
+      return compute()
+    return self._unless_empty(
+      tf.shape(images)[0], compute, lambda: {k: tf.zeros([0]) for k in self._term_names()}
+    )
+
+  def _nonempty_terms(self, images, seed, training, dequant_noise, noise, data_init):
+    # int64 always: stateless ops draw other numbers from the same seed values in int32
+    # (`stateless_fold_in` returns int32).
     seed = tf.cast(seed, tf.int64)
     seed_u, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     batch = tf.shape(images)[0]
@@ -240,8 +279,8 @@ class DenseFlow(tf.Module):
     terms['total'] = tf.add_n(list(terms.values()))
     return terms
 
-  def _log_likelihood(self, images, seed, training=False, data_init=False):
-    return self.log_likelihood_terms(images, seed, training=training, data_init=data_init)['total']
+  def _log_likelihood(self, levels, seed, training=False, data_init=False):
+    return self._terms(levels, seed, training, data_init=data_init)['total']
 
   def elbo(self, images, seed=None, training: bool = False) -> tf.Tensor:
     """Single-sample lower bound of log P(images) in nats, `[B]`.
@@ -251,8 +290,12 @@ class DenseFlow(tf.Module):
       seed: stateless seed `[2]`; the dequantization and augmentation noise derive from it.
       training: use batch statistics in the coupling networks' batch norms (and update the
         running statistics), as during training.
+
+    Raises:
+      TypeError, ValueError: bad `images` (see `levels`) or `seed` (not two integers).
     """
-    return self._log_likelihood(images, seed, training=training)
+    seed = tf.constant([0, 0], tf.int64) if seed is None else check_seed(seed)
+    return self._log_likelihood(self.levels(images), seed, training=training)
 
   def log_prob_bound(
     self, images, num_samples: int = 1, seed=None, chunk_size: int = 16
@@ -264,11 +307,15 @@ class DenseFlow(tf.Module):
     ```
     Evaluated `chunk_size` draws at a time (the batch is tiled `chunk_size` times), with a
     running log-sum-exp, to bound memory. Never below the mean single-sample ELBO (Jensen).
+
+    Raises:
+      TypeError, ValueError: bad `images` (see `levels`), `num_samples` or `chunk_size` not an
+        integer >= 1, `seed` not two integers.
     """
-    images = _check_images(images, self.config.image_shape)
-    if isinstance(num_samples, int) and num_samples <= 0:
-      raise ValueError(f'`num_samples` must be positive, got {num_samples}.')
-    seed = tf.constant([0, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+    images = self.levels(images)
+    num_samples = check_int('num_samples', num_samples, minimum=1)
+    chunk_size = check_int('chunk_size', chunk_size, minimum=1)
+    seed = tf.constant([0, 0], tf.int64) if seed is None else check_seed(seed)
     num_samples = tf.cast(num_samples, tf.int32)
     chunk = tf.minimum(num_samples, chunk_size)
     batch = tf.shape(images)[0]
@@ -292,7 +339,12 @@ class DenseFlow(tf.Module):
     return acc - tf.math.log(tf.cast(num_samples, tf.float32))
 
   def bits_per_dim(self, images, num_samples: int = 1, seed=None) -> tf.Tensor:
-    """`-bound / (D ln 2)`, `[B]`; the ELBO for `num_samples=1`, else the IWBO."""
+    """`-bound / (D ln 2)`, `[B]`; the ELBO for `num_samples=1`, else the IWBO.
+
+    Bits per `2**num_bits`-level dimension (a `num_bits=5` model scores about 5 at init on
+    uniform data).
+    """
+    num_samples = check_int('num_samples', num_samples, minimum=1)
     if isinstance(num_samples, int) and num_samples == 1:
       bound = self.elbo(images, seed)
     else:
@@ -303,9 +355,16 @@ class DenseFlow(tf.Module):
   # Sampling.
 
   def sample_latents(self, num, seed, temperature=1.0) -> List[tf.Tensor]:
-    """`temperature * N(0, I)` latents for `num` samples (stateless, from `seed`)."""
+    """`temperature * N(0, I)` latents for `num` samples (stateless, from `seed`).
+
+    Raises:
+      TypeError, ValueError: `num` not an integer >= 0, `temperature` not finite and >= 0,
+        `seed` not two integers.
+    """
+    num = check_int('num', num, minimum=0)
+    temperature = check_float('temperature', temperature, minimum=0.0)
     shapes = self.config.latent_shapes()
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), len(shapes))
+    seeds = tf.random.experimental.stateless_split(check_seed(seed), len(shapes))
     temperature = tf.cast(temperature, tf.float32)
     return [
       temperature * tf.random.stateless_normal(tf.concat([[num], s], 0), seed=seeds[k])
@@ -313,13 +372,27 @@ class DenseFlow(tf.Module):
     ]
 
   def decode(self, latents: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Latents -> uint8 images: the flow's sampling path, then `floor(2**b * x)` clipped."""
-    x = self.bijector.sample_data(latents)
+    """Latents -> uint8 images on the 0..255 scale.
+
+    The flow's sampling path, then the level `floor(2**b * x)` clipped to `[0, 2**b - 1]`, times
+    `2**(8 - b)` (Glow's postprocessing; the identity scale for b = 8).
+    """
     levels = float(2**self.config.num_bits)
-    return tf.cast(tf.clip_by_value(tf.floor(x * levels), 0.0, levels - 1.0), tf.uint8)
+
+    def compute():
+      x = self.bijector.sample_data(latents)
+      level = tf.clip_by_value(tf.floor(x * levels), 0.0, levels - 1.0)
+      return tf.cast(level * float(2 ** (8 - self.config.num_bits)), tf.uint8)
+
+    batch = tf.shape(latents[0])[0]
+    return self._unless_empty(
+      batch, compute, lambda: tf.zeros([0, *self.config.image_shape], tf.uint8)
+    )
 
   def sample(self, num: int, seed=(0, 0), temperature: float = 1.0) -> tf.Tensor:
-    """`num` uint8 samples `[num, H, W, C]`; temperature scales the std of every latent."""
-    if isinstance(num, int) and num < 0:
-      raise ValueError(f'`num` must be >= 0, got {num}.')
+    """`num` uint8 samples `[num, H, W, C]`; temperature scales the std of every latent.
+
+    Raises:
+      TypeError, ValueError: see `sample_latents`.
+    """
     return self.decode(self.sample_latents(num, seed, temperature))

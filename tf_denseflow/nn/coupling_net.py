@@ -89,22 +89,24 @@ class CrossUnitNetwork(Layer):
 
 
 class ContextNetwork(Layer):
-  """Context of the variational dequantization, from the uint8 image (at half resolution).
+  """Context of the variational dequantization, from the image levels (at half resolution).
 
   ```
-  x -> 2 x / 255 - 1 -> DenseConvBlock(3 -> ctx) -> conv2x2 stride 2 -> DenseConvBlock(ctx -> ctx)
+  x -> 2 x / (2**b - 1) - 1 -> DenseConvBlock(3 -> ctx) -> conv2x2 stride 2 -> DenseConvBlock
   ```
+  `x` are the model's integer levels `0..2**b - 1` (`b = num_bits`; the official code: b = 8).
   """
 
-  def __init__(self, in_channels, channels, depth, growth, seeds=None, name=None):
+  def __init__(self, in_channels, channels, depth, growth, seeds=None, name=None, num_bits=8):
     super().__init__(name=name)
+    self.max_level = float(2**num_bits - 1)
     self.dense_in = DenseConvBlock(in_channels, channels, depth, growth, seeds=seeds)
     self.down = Conv(channels, channels, 2, strides=2, padding='valid', seeds=seeds)
     self.dense_out = DenseConvBlock(channels, channels, depth, growth, seeds=seeds)
     self.built = True
 
   def call(self, images):
-    x = 2.0 * tf.cast(images, tf.float32) / 255.0 - 1.0
+    x = 2.0 * tf.cast(images, tf.float32) / self.max_level - 1.0
     return self.dense_out(self.down(self.dense_in(x)))
 
 

@@ -63,6 +63,25 @@ def zeros(shape, dtype=None):
   return tf.zeros(shape, dtype or tf.float32)
 
 
+def _empty_batch_safe(x, y, out_channels: int, kernel_size: int, strides: int, padding: str):
+  """`y = conv2d(x)` with the right shape for a (static) empty batch too.
+
+  TF 2.21's oneDNN `Conv2D` on Intel AMX CPUs returns its *input* for an empty batch (`[0, 2, 2,
+  16]` in, `[0, 2, 2, 16]` out for 8 output channels; BUILD.md, "Known TF bugs"). Both have zero
+  elements, so a reshape to the shape the convolution must have is valid. Only for a batch known
+  to be empty (eager mode): grappler removes such a reshape from graphs, so the model's traced
+  inference paths skip empty batches themselves (`DenseFlow`'s `_unless_empty`).
+  """
+  if x.shape[0] != 0:
+    return y
+  h, w = x.shape[1], x.shape[2]
+  if padding == 'SAME':
+    h, w = -(-h // strides), -(-w // strides)
+  else:
+    h, w = (h - kernel_size) // strides + 1, (w - kernel_size) // strides + 1
+  return tf.reshape(y, [0, h, w, out_channels])
+
+
 @functools.cache
 def _tap_rows(height: int, width: int) -> np.ndarray:
   """`[H*W*9]` int32: for pixel `q` and tap `(i, j)`, the row of `dy` shifted by `(1-i, 1-j)`.
@@ -198,6 +217,7 @@ class Conv(Layer):
       y = conv3x3_same(x, kernel)
     else:
       y = tf.nn.conv2d(x, kernel, strides=self.strides, padding=self.padding)
+    y = _empty_batch_safe(x, y, self.out_channels, self.kernel_size, self.strides, self.padding)
     return self._bias_and_activation(y, bias)
 
   def _bias_and_activation(self, y, bias):
