@@ -386,10 +386,25 @@ class ActNormTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(x_first, tf.zeros([2, 2, 2, 3]))
     self.assertAllClose(x_second, tf.ones([2, 2, 2, 1]) * [1.0, 2.0, 3.0])
 
-  @parameterized.named_parameters(('zero', 0), ('negative', -2))
+  @parameterized.named_parameters(
+    ('zero', 0),
+    ('negative', -2),
+    ('fraction', 2.5),
+    ('numpy_zero', np.int64(0)),
+    ('tensor_fraction', tf.constant(3.5)),
+  )
   def test_bad_channels_raise(self, channels):
-    with self.assertRaisesRegex(ValueError, 'channels'):
+    with self.assertRaisesRegex(ValueError, '`channels`'):
       B.ActNorm(channels)
+    with self.assertRaisesRegex(ValueError, '`channels`'):
+      B.ChannelSwap(channels)
+    with self.assertRaisesRegex(ValueError, '`growth_rate`'):
+      B.CrossUnitCoupling(channels, CrossUnitNetwork(3, 2, seeds=Seeds(0)))
+
+  def test_integral_numpy_and_tensor_channels_are_python_ints(self):
+    self.assertEqual(B.ActNorm(np.int64(3)).channels, 3)
+    self.assertIsInstance(B.ActNorm(tf.constant(3)).channels, int)
+    self.assertEqual(B.InvertibleConv1x1(3.0).channels, 3)
 
 
 class InvertibleConv1x1Test(tf.test.TestCase, parameterized.TestCase):

@@ -10,6 +10,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector, sum_event
+from tf_denseflow.checks import check_int
 
 __all__ = ['AffineCoupling']
 
@@ -43,8 +44,7 @@ class AffineCoupling(FlowBijector):
     name: str = 'affine_coupling',
   ):
     parameters = dict(locals())
-    if int(channels) < 2:
-      raise ValueError(f'`channels` must be at least 2, got {channels}.')
+    channels = check_int('channels', channels, minimum=2)
     with tf.name_scope(name) as name:
       self._channels = int(channels)
       self._num_masked = (self._channels + 1) // 2

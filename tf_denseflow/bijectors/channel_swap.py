@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
+from tf_denseflow.checks import check_int
 
 __all__ = ['ChannelSwap']
 
@@ -21,8 +22,7 @@ class ChannelSwap(FlowBijector):
 
   def __init__(self, channels: int, validate_args: bool = False, name: str = 'channel_swap'):
     parameters = dict(locals())
-    if int(channels) <= 0:
-      raise ValueError(f'`channels` must be positive, got {channels}.')
+    channels = check_int('channels', channels, minimum=1)
     with tf.name_scope(name) as name:
       self._channels = int(channels)
       super().__init__(

@@ -10,6 +10,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
+from tf_denseflow.checks import check_int
 
 __all__ = ['InvertibleConv1x1', 'log_abs_det', 'random_orthogonal']
 
@@ -70,8 +71,7 @@ class InvertibleConv1x1(FlowBijector):
     name: str = 'invertible_conv1x1',
   ):
     parameters = dict(locals())
-    if int(channels) <= 0:
-      raise ValueError(f'`channels` must be positive, got {channels}.')
+    channels = check_int('channels', channels, minimum=1)
     with tf.name_scope(name) as name:
       self._channels = int(channels)
       seed = tf.constant([0, 0], tf.int32) if seed is None else seed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector, sum_event
+from tf_denseflow.checks import check_int
 
 __all__ = ['CrossUnitCoupling']
 
@@ -36,8 +37,7 @@ class CrossUnitCoupling(FlowBijector):
 
   def __init__(self, growth_rate: int, network, validate_args: bool = False, name='cross_unit'):
     parameters = dict(locals())
-    if int(growth_rate) <= 0:
-      raise ValueError(f'`growth_rate` must be positive, got {growth_rate}.')
+    growth_rate = check_int('growth_rate', growth_rate, minimum=1)
     with tf.name_scope(name) as name:
       self._growth_rate = int(growth_rate)
       self.network = network

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.cross_unit import CrossUnitCoupling
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
+from tf_denseflow.checks import check_int
 
 __all__ = ['DenseBlock']
 
@@ -57,7 +58,9 @@ class DenseBlock(FlowBijector):
     num_units = len(units)
     if num_units == 0:
       raise ValueError('`units` must hold at least one unit.')
-    if num_units > 1 and int(growth_rate) <= 0:
+    in_channels = check_int('in_channels', in_channels, minimum=1)
+    growth_rate = check_int('growth_rate', growth_rate, minimum=0)
+    if num_units > 1 and growth_rate <= 0:
       raise ValueError(f'`growth_rate` must be positive with {num_units} units, got {growth_rate}.')
     couplings = list(couplings) if couplings is not None else [None] * (num_units - 1)
     if len(couplings) != num_units - 1:
