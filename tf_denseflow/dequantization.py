@@ -38,13 +38,17 @@ class UniformDequantization(tf.Module):
     """Event shape of the noise this dequantizer draws."""
     return self.image_shape
 
+  def draw_noise(self, shape, seed) -> tf.Tensor:
+    """`u ~ U(0, 1)` of `shape` (`[B, *noise_shape]`) from a stateless seed."""
+    return tf.random.stateless_uniform(shape, seed=seed)
+
   def sample_and_log_prob(
     self, images: tf.Tensor, seed=None, noise: Optional[tf.Tensor] = None, training=False
   ):
     """Returns `(u, log q(u|x))`; `noise` (in `[0,1)`, image-shaped) replaces the draw."""
     del training
     if noise is None:
-      noise = tf.random.stateless_uniform(tf.shape(images), seed=seed)
+      noise = self.draw_noise(tf.shape(images), seed)
     return noise, tf.zeros(tf.shape(images)[:-3])
 
 
@@ -110,6 +114,10 @@ class VariationalDequantization(tf.Module):
     h, w, _ = self.image_shape
     return (h // 2, w // 2, self._channels)
 
+  def draw_noise(self, shape, seed) -> tf.Tensor:
+    """`eps ~ N(0, I)` of `shape` (`[B, *noise_shape]`) from a stateless seed."""
+    return tf.random.stateless_normal(shape, seed=seed)
+
   def sample_and_log_prob(
     self, images: tf.Tensor, seed=None, noise: Optional[tf.Tensor] = None, training=False
   ):
@@ -127,8 +135,7 @@ class VariationalDequantization(tf.Module):
     del training
     context = self.context_net(images)
     if noise is None:
-      shape = tf.concat([tf.shape(images)[:1], self.noise_shape], 0)
-      noise = tf.random.stateless_normal(shape, seed=seed)
+      noise = self.draw_noise(tf.concat([tf.shape(images)[:1], self.noise_shape], 0), seed)
     hw = float(self.noise_shape[0] * self.noise_shape[1])
     e = self.loc + tf.exp(self.log_scale) * noise
     log_q = std_normal_log_prob(noise) - hw * tf.reduce_sum(self.log_scale)

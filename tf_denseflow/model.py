@@ -6,7 +6,7 @@ Grcic, Grubisic, Segvic. Densely connected normalizing flows. NeurIPS 2021.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -21,7 +21,30 @@ from tf_denseflow.nn.layers import BatchNorm, Seeds
 
 tfd = tfp.distributions
 
-__all__ = ['DenseFlow']
+__all__ = ['DenseFlow', 'iwbo_accumulate', 'iwbo_normalize']
+
+
+def iwbo_accumulate(acc: tf.Tensor, lls: tf.Tensor, draws: tf.Tensor, num_samples) -> tf.Tensor:
+  """One streaming step of the importance-weighted bound: a running log-sum-exp per row.
+
+  ```
+  acc <- log(exp(acc) + sum_{j : draws[j] < num_samples} exp(lls[j]))
+  ```
+  Args:
+    acc: `[N]` log-sum-exp of the draws so far (`-inf` at the start).
+    lls: `[c, N]` single-sample ELBOs of `c` more draws of each row.
+    draws: `[c]` int32 index of each of those draws.
+    num_samples: the draws each row takes: a scalar, or `[N]` per row (serving); later draws are
+      masked out, so chunks may overshoot.
+  """
+  valid = draws[:, None] < tf.cast(num_samples, draws.dtype)
+  lls = tf.where(valid, lls, -math.inf)
+  return tf.reduce_logsumexp(tf.concat([acc[None], lls], 0), axis=0)
+
+
+def iwbo_normalize(acc: tf.Tensor, num_samples) -> tf.Tensor:
+  """The IWBO `log (1/k) sum_j exp(elbo_j)` from `iwbo_accumulate`'s sum (`k` scalar or `[N]`)."""
+  return acc - tf.math.log(tf.cast(num_samples, tf.float32))
 
 
 class DenseFlow(tf.Module):
@@ -179,12 +202,42 @@ class DenseFlow(tf.Module):
       images = tf.floor(images / float(2 ** (8 - self.config.num_bits)))
     return images
 
-  def _draw_noise(self, batch, seed) -> List[tf.Tensor]:
-    seeds = tf.random.experimental.stateless_split(seed, max(1, len(self.config.noise_shapes())))
-    return [
+  def draw_noise(self, seed, batch, offset=0, size=None) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+    """The bound's randomness from one seed: `(dequant_noise, [noise_1..noise_K])`.
+
+    The one derivation that training, evaluation, export and the parity replay share:
+    ```
+    seed_u, seed_noise = stateless_split(seed, 2)
+    dequant_noise = dequantizer.draw_noise([batch, *noise_shape], seed_u)  # U(0,1) or N(0, I)
+    seed_k        = stateless_split(seed_noise, max(1, K))[k]
+    noise_k       = stateless_normal([batch, *noise_shapes()[k]], seed_k)
+    ```
+    and rows `[offset, offset + size)` of those (a replica's slice of a global batch). Row `r`
+    of a batch of `n` equals row `r` of a batch of `m > r` (stateless draws fill in row-major
+    order), so the rows of a batch of one are a row's noise on its own (serving).
+
+    Args:
+      seed: stateless seed `[2]`, any integer dtype (used as int64).
+      batch: rows drawn (int or scalar tensor).
+      offset, size: the rows returned (default: all `batch`).
+
+    Returns:
+      `dequant_noise` `[size, *dequantizer.noise_shape]` and `K` tensors `[size, *noise_shape_k]`,
+      float32.
+    """
+    seed = tf.cast(seed, tf.int64)
+    seed_u, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    u = self.dequantizer.draw_noise(tf.concat([[batch], self.dequantizer.noise_shape], 0), seed_u)
+    shapes = self.config.noise_shapes()
+    seeds = tf.random.experimental.stateless_split(seed_noise, max(1, len(shapes)))
+    noise = [
       tf.random.stateless_normal(tf.concat([[batch], shape], 0), seed=seeds[k])
-      for k, shape in enumerate(self.config.noise_shapes())
+      for k, shape in enumerate(shapes)
     ]
+    if size is None and isinstance(offset, int) and offset == 0:
+      return u, noise
+    size = batch - offset if size is None else size
+    return u[offset : offset + size], [n[offset : offset + size] for n in noise]
 
   def log_likelihood_terms(
     self,
@@ -251,15 +304,14 @@ class DenseFlow(tf.Module):
     # int64 always: stateless ops draw other numbers from the same seed values in int32
     # (`stateless_fold_in` returns int32).
     seed = tf.cast(seed, tf.int64)
-    seed_u, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     batch = tf.shape(images)[0]
-    u, log_q = self.dequantizer.sample_and_log_prob(
-      images, seed=seed_u, noise=dequant_noise, training=training
-    )
+    if dequant_noise is None or noise is None:
+      drawn_u, drawn_noise = self.draw_noise(seed, batch)
+      dequant_noise = drawn_u if dequant_noise is None else dequant_noise
+      noise = drawn_noise if noise is None else noise
+    u, log_q = self.dequantizer.sample_and_log_prob(images, noise=dequant_noise, training=training)
     levels = float(2**self.config.num_bits)
     x = (images + u) / levels
-    if noise is None:
-      noise = self._draw_noise(batch, seed_noise)
     noise = [tf.convert_to_tensor(n, tf.float32) for n in noise]
     latents, flow_terms = self.bijector.inverse_with_terms(
       [x] + noise, training=training, data_init=data_init
@@ -327,16 +379,14 @@ class DenseFlow(tf.Module):
         self._log_likelihood(tiled, tf.random.experimental.stateless_fold_in(seed, i)),
         [chunk, batch],
       )
-      # The last chunk may overshoot num_samples: mask the surplus draws out.
-      valid = tf.range(chunk) + i * chunk < num_samples
-      lls = tf.where(valid[:, None], lls, -math.inf)
-      return i + 1, tf.reduce_logsumexp(tf.concat([acc[None], lls], 0), axis=0)
+      # The last chunk may overshoot num_samples: iwbo_accumulate masks the surplus draws out.
+      return i + 1, iwbo_accumulate(acc, lls, tf.range(chunk) + i * chunk, num_samples)
 
     acc0 = tf.fill([batch], -math.inf)
     _, acc = tf.while_loop(
       lambda i, _: i < num_chunks, body, (tf.constant(0), acc0), maximum_iterations=None
     )
-    return acc - tf.math.log(tf.cast(num_samples, tf.float32))
+    return iwbo_normalize(acc, num_samples)
 
   def bits_per_dim(self, images, num_samples: int = 1, seed=None) -> tf.Tensor:
     """`-bound / (D ln 2)`, `[B]`; the ELBO for `num_samples=1`, else the IWBO.
