@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 
+import cli_testlib
 import tensorflow as tf
 
 from tf_denseflow import bench
@@ -84,6 +85,32 @@ class BenchTest(tf.test.TestCase):
     table = bench.format_table(result, 'tiny')
     self.assertIn('train     failed: InvalidArgumentError', table)
     self.assertRegex(table, r'eval\s+0\.5000\s+4\.0')
+
+  def test_bad_input_through_main_fails_with_one_line(self):
+    # The parser and main of `python -m tf_denseflow.bench`, as app.run calls them; every case
+    # stops before a model is built.
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    a_file = os.path.join(tmp, 'a_file')
+    open(a_file, 'w').close()
+    cases = {
+      'zero batch': (['--batch_size=0'], '--batch_size'),
+      'steps not a number': (['--steps=ten'], '--steps'),
+      'negative seed': (['--seed=-1'], '--seed'),
+      'int32 warmup': (['--warmup=2147483648'], '--warmup'),
+      'indivisible image': (['--preset=tiny', '--image_size=12'], '--image_size=12'),
+      'json is a directory': ([f'--json={tmp}'], f'--json={tmp}'),
+      'json under a file': ([f'--json={a_file}/x.json'], f'--json={a_file}/x.json'),
+    }
+    results = cli_testlib.run_cases(
+      'tf_denseflow.bench:define_bench_flags',
+      'tf_denseflow.flags:parse_flags',
+      'tf_denseflow.bench:main',
+      [args for args, _ in cases.values()],
+    )
+    for (name, (_, needle)), result in zip(cases.items(), results):
+      with self.subTest(name):
+        cli_testlib.assert_one_line_error(self, result, needle)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from unittest import mock
 
+import cli_testlib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -132,6 +133,25 @@ class ConfigInferenceTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(convert_torch.ConversionError, 'divisible by 8'):
       convert_torch.config_from_state_dict(_golden_state('tiny'), (20, 20))
 
+  @parameterized.named_parameters(('one_bit', 1), ('five_bits', 5), ('eight_bits', 8))
+  def test_num_bits_is_inferred_from_ldj_per_dim(self, bits):
+    state = _golden_state('tiny')
+    state['transforms.0.ldj_per_dim'] = np.float32(-bits * np.log(2.0))
+    self.assertEqual(convert_torch.config_from_state_dict(state, (16, 16)).num_bits, bits)
+
+  @parameterized.named_parameters(
+    ('nine_bits', -9 * np.log(2.0), 'gives num_bits = 9; num_bits must be in 1..8'),
+    ('zero_bits', 0.0, 'gives num_bits = 0; num_bits must be in 1..8'),
+    ('not_whole_bits', -2.5 * np.log(2.0), 'is not -num_bits ln 2'),
+    ('nan', np.nan, 'is not -num_bits ln 2'),
+    ('not_a_scalar', np.zeros([2]), 'transforms.0.ldj_per_dim: not a number'),
+  )
+  def test_bad_ldj_per_dim_is_refused_by_name(self, value, message):
+    state = _golden_state('tiny')
+    state['transforms.0.ldj_per_dim'] = np.asarray(value, np.float32)
+    with self.assertRaisesRegex(convert_torch.ConversionError, message):
+      convert_torch.config_from_state_dict(state, (16, 16))
+
   def test_not_a_denseflow_is_refused(self):
     with self.assertRaisesRegex(convert_torch.ConversionError, 'Not a DenseFlow state_dict'):
       convert_torch.config_from_state_dict({'fc.weight': np.zeros([2, 2])}, (16, 16))
@@ -241,6 +261,17 @@ class LoadErrorsTest(tf.test.TestCase, parameterized.TestCase):
     self.state[key] = np.full_like(self.state[key], np.nan)
     self._assert_refused(f'{key}: holds non-finite')
 
+  def test_value_that_overflows_float32_is_refused(self):
+    # Finite in float64, Inf after the cast to the variables' float32.
+    key = 'base_dist.loc'
+    self.state[key] = np.full(self.state[key].shape, 1e39, np.float64)
+    self._assert_refused(f'{key}: holds non-finite values \\(in float32\\)')
+
+  def test_non_numeric_value_is_refused(self):
+    key = 'base_dist.loc'
+    self.state[key] = np.full(self.state[key].shape, 'x')
+    self._assert_refused(f'{key}: holds <U1 values, not numbers')
+
   def test_uninitialized_actnorm(self):
     key = 'transforms.3.blocks.0.transforms.0.transforms.0.initialized'
     self.state[key] = np.zeros_like(self.state[key])
@@ -305,7 +336,7 @@ class CliTest(tf.test.TestCase):
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertNotIn('Traceback', result.stderr)
     last = result.stderr.strip().splitlines()[-1]
-    self.assertStartsWith(last, 'convert_torch: error: ')
+    self.assertStartsWith(last, 'error: ')
     self.assertRegex(last, pattern)
     self.assertFalse(os.path.exists(os.path.join(tmp, 'out')))
 
@@ -316,6 +347,52 @@ class CliTest(tf.test.TestCase):
   @pytest.mark.slow  # in-process: ConfigInferenceTest.test_indivisible_image_size_is_refused
   def test_bad_image_size_gives_one_line_error(self):
     self._assert_one_line_error(None, 20, 'divisible by 8')
+
+  def test_bad_input_through_main_fails_with_one_line(self):
+    # The parser and main of `python -m tf_denseflow.convert_torch`, as app.run calls them.
+    tmp = _tempdir(self)
+    golden = os.path.join(GOLDEN, 'tiny_official.npz')
+
+    def npz(name, **changes):
+      state = _golden_state('tiny')
+      state.update(changes)
+      path = os.path.join(tmp, f'{name}.npz')
+      np.savez(path, **state)
+      return path
+
+    truncated = npz('truncated')
+    os.truncate(truncated, os.path.getsize(truncated) // 2)
+    nine_bits = npz('nine_bits', **{'transforms.0.ldj_per_dim': np.float32(-9 * np.log(2.0))})
+    shape = _golden_state('tiny')['base_dist.log_scale'].shape
+    overflow = npz('overflow', **{'base_dist.log_scale': np.full(shape, 1e39)})
+    garbage_pt = os.path.join(tmp, 'garbage.pt')
+    with open(garbage_pt, 'wb') as f:
+      f.write(b'not a checkpoint')
+    out = f'--out={tmp}/out'
+    cases = {
+      'truncated npz': ([f'--checkpoint={truncated}', out, '--image_size=16'], truncated),
+      'garbage pt': ([f'--checkpoint={garbage_pt}', out, '--image_size=16'], garbage_pt),
+      'no such file': ([f'--checkpoint={tmp}/nope.npz', out, '--image_size=16'], 'No such'),
+      'num_bits 9': ([f'--checkpoint={nine_bits}', out, '--image_size=16'], 'num_bits = 9'),
+      'float32 overflow': (
+        [f'--checkpoint={overflow}', out, '--image_size=16'],
+        'base_dist.log_scale: holds non-finite values (in float32)',
+      ),
+      'zero image_size': ([f'--checkpoint={golden}', out, '--image_size=0'], '--image_size'),
+      'negative step': ([f'--checkpoint={golden}', out, '--image_size=16', '--step=-1'], '--step'),
+      'missing out': ([f'--checkpoint={golden}', '--image_size=16'], '--out is required'),
+      'out is a file': ([f'--checkpoint={golden}', f'--out={golden}', '--image_size=16'], golden),
+    }
+    results = cli_testlib.run_cases(
+      'tf_denseflow.convert_torch:define_convert_flags',
+      'tf_denseflow.flags:parse_flags',
+      'tf_denseflow.convert_torch:main',
+      [args for args, _ in cases.values()],
+    )
+    for (name, (_, needle)), result in zip(cases.items(), results):
+      with self.subTest(name):
+        cli_testlib.assert_one_line_error(self, result, needle)
+    self.assertFalse(os.path.exists(os.path.join(tmp, 'out')))
 
 
 class TorchCheckpointTest(tf.test.TestCase):

@@ -4,6 +4,8 @@ The CLIs run as subprocesses on a workdir trained for one step by the real loop,
 dataset built at 8x8 (real TFDS records, no mocks).
 """
 
+import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 
+import cli_testlib
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
@@ -18,7 +21,9 @@ from PIL import Image
 
 from tf_denseflow import data as data_lib
 from tf_denseflow import evaluate, summaries, train_lib
+from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.config import DenseFlowConfig
+from tf_denseflow.model import DenseFlow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
@@ -43,14 +48,15 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
     data_dir = os.path.join(cls.root, 'tfds')
     data_lib.build_embedded_dataset(data_dir, image_size=8, num_train=32, num_test=10)
     cls.workdir = os.path.join(cls.root, 'run')
+    cls.model_config = DenseFlowConfig.tiny(
+      (8, 8, 3),
+      units_per_block=(2, 1),
+      steps_per_unit=(1, 1),
+      coupling_channels=(8, 8),
+      use_attention=False,
+    )
     config = train_lib.TrainConfig(
-      model=DenseFlowConfig.tiny(
-        (8, 8, 3),
-        units_per_block=(2, 1),
-        steps_per_unit=(1, 1),
-        coupling_channels=(8, 8),
-        use_attention=False,
-      ),
+      model=cls.model_config,
       data=data_lib.DataConfig(
         dataset='embedded',
         data_dir=data_dir,
@@ -159,6 +165,73 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
         self.assertNotIn('Traceback', stderr)
         self.assertLen(errors, 1, stderr)
         self.assertIn(message, errors[0])
+
+  def _damaged_workdirs(self):
+    """Copies of the trained workdir, each damaged in one way; name -> path."""
+    root = tempfile.mkdtemp(dir=self.root)
+
+    def copy(name):
+      path = os.path.join(root, name)
+      shutil.copytree(self.workdir, path)
+      return path
+
+    # issue 10, 5: the checkpoints of a steps_per_unit=2,2 model in the workdir of the 1,1 run.
+    copied = copy('copied')
+    other = os.path.join(root, 'other')
+    wider = DenseFlow(dataclasses.replace(self.model_config, steps_per_unit=(2, 2)))
+    workdir_lib.write_model_checkpoint(other, wider, step=1)
+    shutil.rmtree(os.path.join(copied, 'checkpoints'))
+    shutil.copytree(os.path.join(other, 'checkpoints'), os.path.join(copied, 'checkpoints'))
+    truncated = copy('truncated')
+    data = glob.glob(os.path.join(truncated, 'checkpoints', 'ckpt-1.data-*'))[0]
+    os.truncate(data, os.path.getsize(data) // 2)
+    bad_json = copy('bad_json')
+    with open(os.path.join(bad_json, 'model_config.json'), 'w') as f:
+      f.write('{"units_per_block": [2, 1],')
+    bad_train_json = copy('bad_train_json')
+    with open(os.path.join(bad_train_json, 'train_config.json'), 'w') as f:
+      f.write('not json')
+    return {
+      'copied': copied,
+      'truncated': truncated,
+      'bad_json': bad_json,
+      'bad_train_json': bad_train_json,
+      'dir': root,
+    }
+
+  def test_bad_input_through_main_fails_with_one_line(self):
+    # The parser and main of `python -m tf_denseflow.evaluate` / `sample`, as app.run calls them.
+    dirs = self._damaged_workdirs()
+    good = f'--workdir={self.workdir}'
+    mismatch = 'written for a different model config: steps_per_unit (2, 2) vs (1, 1)'
+    evaluate_cases = {
+      'zero num_samples': ([good, '--num_samples=0'], '--num_samples'),
+      'negative chunk': ([good, '--chunk_size=-1'], '--chunk_size'),
+      'int64 seed': ([good, f'--seed={2**63}'], '--seed'),
+      'copied checkpoints': ([f'--workdir={dirs["copied"]}', '--num_samples=1'], mismatch),
+      'truncated': ([f'--workdir={dirs["truncated"]}'], 'checkpoints/ckpt-1'),
+      'config not JSON': ([f'--workdir={dirs["bad_json"]}'], 'model_config.json: not a'),
+      'train config not JSON': ([f'--workdir={dirs["bad_train_json"]}'], 'train_config.json'),
+      'no such checkpoint': ([good, '--checkpoint=/nonexistent/ckpt-9'], '/nonexistent/ckpt-9'),
+    }
+    sample_cases = {
+      'nan temperature': ([good, '--temperature=nan'], '--temperature'),
+      'zero num': ([good, '--num=0'], '--num'),
+      'copied checkpoints': ([f'--workdir={dirs["copied"]}'], mismatch),
+      'truncated': ([f'--workdir={dirs["truncated"]}'], 'checkpoints/ckpt-1'),
+      'config not JSON': ([f'--workdir={dirs["bad_json"]}'], 'model_config.json: not a'),
+      'out is a directory': ([good, '--num=1', f'--out={dirs["dir"]}'], dirs['dir']),
+    }
+    for program, cases in (('evaluate', evaluate_cases), ('sample', sample_cases)):
+      results = cli_testlib.run_cases(
+        f'tf_denseflow.flags:define_{program}_flags',
+        'tf_denseflow.flags:parse_flags',
+        f'tf_denseflow.{program}:main',
+        [args + ['--noprogress_bar'] * (program == 'evaluate') for args, _ in cases.values()],
+      )
+      for (name, (_, needle)), result in zip(cases.items(), results):
+        with self.subTest(f'{program}: {name}'):
+          cli_testlib.assert_one_line_error(self, result, needle)
 
 
 class ImageGridTest(tf.test.TestCase, parameterized.TestCase):

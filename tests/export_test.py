@@ -5,6 +5,7 @@ in a subprocess that blocks `tf_denseflow`, `tensorflow_probability`, `keras` an
 Serving has none of them), so a crash there fails the test instead of killing pytest.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 
+import cli_testlib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -629,6 +631,87 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn('never overwritten', proc.stderr)
+
+
+def _micro_config(**overrides) -> tdf.DenseFlowConfig:
+  kwargs = dict(
+    units_per_block=(2, 1),
+    steps_per_unit=(1, 1),
+    coupling_channels=(8, 8),
+    use_attention=False,
+    dequantization='uniform',
+  )
+  return tdf.DenseFlowConfig.tiny(_IMAGE_SHAPE, **(kwargs | overrides))
+
+
+class CommandLineErrorTest(tf.test.TestCase):
+  def _dir(self):
+    path = tempfile.mkdtemp(prefix='export_cli_test_')
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+  def test_refuses_non_finite_weights_and_writes_nothing(self):
+    model = tdf.DenseFlow(_micro_config())
+    model.initialize(np.zeros((2,) + _IMAGE_SHAPE, np.uint8))
+    weight = model.trainable_variables[-1]
+    weight.assign(tf.fill(weight.shape, np.nan))
+    base = os.path.join(self._dir(), 'serving')
+    with self.assertRaisesRegex(ValueError, 'Not exporting non-finite weights'):
+      export.export_saved_model(model, base)
+    self.assertFalse(os.path.exists(os.path.join(base, '1')))
+
+  def test_bad_input_through_main_fails_with_one_line(self):
+    # The parser and main of `python -m tf_denseflow.export`, as app.run calls them.
+    root = self._dir()
+    images = np.random.default_rng(0).integers(0, 256, (4,) + _IMAGE_SHAPE, dtype=np.uint8)
+
+    def run_dir(name, config, initialise=True):
+      model = tdf.DenseFlow(config)
+      if initialise:
+        model.initialize(images)
+      path = os.path.join(root, name)
+      workdir.write_model_checkpoint(path, model)
+      return path
+
+    good = run_dir('good', _micro_config())
+    os.makedirs(os.path.join(root, 'serving', '1'))
+    # issue 10, 5: the checkpoints of a steps_per_unit=2,2 model in the workdir of a 1,1 model.
+    copied = run_dir('copied', _micro_config())
+    other = run_dir('other', _micro_config(steps_per_unit=(2, 2)))
+    shutil.rmtree(os.path.join(copied, 'checkpoints'))
+    shutil.copytree(os.path.join(other, 'checkpoints'), os.path.join(copied, 'checkpoints'))
+    bad_json = run_dir('bad_json', _micro_config())
+    with open(os.path.join(bad_json, 'model_config.json'), 'w') as f:
+      f.write('{')
+    wrong_values = run_dir('wrong_values', _micro_config())
+    with open(os.path.join(wrong_values, 'model_config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(_micro_config()) | {'growth_rate': -2}, f)
+    uninitialised = run_dir('uninitialised', _micro_config(), initialise=False)
+    serving = f'--export_dir={root}/serving'
+    cases = {
+      'no export_dir': ([f'--workdir={good}'], '--export_dir is required'),
+      'zero max_num_samples': ([f'--workdir={good}', serving, '--max_num_samples=0'], 'max_num'),
+      'negative version': ([f'--workdir={good}', serving, '--version=-1'], '--version'),
+      'existing version': ([f'--workdir={good}', serving, '--version=1'], 'never overwritten'),
+      'copied checkpoints': (
+        [f'--workdir={copied}', serving],
+        'written for a different model config: steps_per_unit (2, 2) vs (1, 1)',
+      ),
+      'config not JSON': ([f'--workdir={bad_json}', serving], 'model_config.json: not a'),
+      'config values': ([f'--workdir={wrong_values}', serving], '`growth_rate` must be >= 0'),
+      'uninitialised': ([f'--workdir={uninitialised}', serving], 'not initialised'),
+      'empty workdir': ([f'--workdir={root}', serving], 'No model_config.json'),
+    }
+    results = cli_testlib.run_cases(
+      'tf_denseflow.export:define_export_flags',
+      'tf_denseflow.flags:parse_flags',
+      'tf_denseflow.export:main',
+      [args for args, _ in cases.values()],
+    )
+    for (name, (_, needle)), result in zip(cases.items(), results):
+      with self.subTest(name):
+        cli_testlib.assert_one_line_error(self, result, needle)
+    self.assertEqual(sorted(os.listdir(os.path.join(root, 'serving'))), ['1'])
 
 
 if __name__ == '__main__':

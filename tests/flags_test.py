@@ -8,10 +8,12 @@ subprocesses, in parallel).
 import dataclasses
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
+import cli_testlib
 import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver, parameterized
@@ -191,6 +193,43 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(train_lib.ConfigError, message):
       _parse(*args)
 
+  @parameterized.named_parameters(
+    ('zero_epsilon', '--adamax_epsilon=0', 'adamax_epsilon'),
+    ('denormal_epsilon', '--adamax_epsilon=1e-45', 'adamax_epsilon'),
+    ('nan_learning_rate', '--learning_rate=nan', 'learning_rate'),
+    ('inf_learning_rate', '--learning_rate=inf', 'learning_rate'),
+    ('float32_inf_learning_rate', '--learning_rate=1e39', 'learning_rate'),
+    ('negative_finetune_lr', '--finetune_lr=-1e-5', 'finetune_lr'),
+    ('nan_gamma', '--lr_decay_gamma=nan', 'lr_decay_gamma'),
+    ('nan_temperature', '--sample_temperature=nan', 'sample_temperature'),
+    ('int64_seed', '--seed=18446744073709551616', 'seed'),
+    ('num_bits_above_8', '--num_bits=9', 'num_bits'),
+    ('num_bits_zero', '--num_bits=0', 'num_bits'),
+    ('int32_batch', '--global_batch_size=4294967296', 'global_batch_size'),
+    ('huge_train_steps', '--train_steps=9223372036854775808', 'train_steps'),
+  )
+  @flagsaver.flagsaver
+  def test_bad_numbers_fail_at_parse_naming_the_flag(self, arg, name):
+    with self.assertRaisesRegex(flags.IllegalFlagValueError, f'flag --{name}='):
+      _parse('--flagfile=configs/smoke.cfg', arg)
+
+  @parameterized.named_parameters(
+    ('nan_temperature', '--temperature=nan', 'temperature'),
+    ('zero_num', '--num=0', 'num'),
+    ('zero_chunk', '--chunk_size=0', 'chunk_size'),
+    ('int32_num_samples', '--num_samples=2147483648', 'num_samples'),
+  )
+  @flagsaver.flagsaver
+  def test_program_flags_refuse_bad_numbers(self, arg, name):
+    flags_lib.define_evaluate_flags()
+    flags_lib.define_sample_flags()
+    with self.assertRaisesRegex(flags.IllegalFlagValueError, f'flag --{name}='):
+      FLAGS(['program', arg])
+
+  def test_num_bits_flag_sets_the_model_config(self):
+    self.assertEqual(_parse('--flagfile=configs/smoke.cfg').model.num_bits, 8)
+    self.assertEqual(_parse('--flagfile=configs/smoke.cfg', '--num_bits=5').model.num_bits, 5)
+
   def test_default_flagfile_only_without_flagfile_or_dataset(self):
     default = train_main.DEFAULT_FLAGFILE
     self.assertEqual(
@@ -262,6 +301,61 @@ class CommandLineErrorTest(tf.test.TestCase):
         self.assertNotIn('Traceback', stderr)
         self.assertLen(errors, 1, stderr)
         self.assertIn(cases[name][1], errors[0])
+
+  def test_bad_input_through_main_fails_with_one_line(self):
+    # The parser and main of `python -m tf_denseflow.train`, as app.run calls them.
+    root = tempfile.mkdtemp(prefix='flags_test_main_')
+    self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    with flagsaver.flagsaver():
+      smoke = _parse('--flagfile=configs/smoke.cfg').model
+    FLAGS.unparse_flags()
+
+    def workdir(name, model_config=None, checkpoint_of=None):
+      path = os.path.join(root, name)
+      if checkpoint_of is not None:
+        workdir_lib.write_model_checkpoint(path, DenseFlow(checkpoint_of))
+      if model_config is not None:
+        workdir_lib.save_model_config(path, model_config)
+      os.makedirs(path, exist_ok=True)
+      return path
+
+    # issue 10, 5: the checkpoints of a --steps_per_unit=2,2 run in the workdir of a 1,1 run.
+    copied = workdir('copied', smoke, dataclasses.replace(smoke, steps_per_unit=(2, 2)))
+    truncated = workdir('truncated', checkpoint_of=smoke)
+    data = glob.glob(os.path.join(truncated, 'checkpoints', '*.data-*'))[0]
+    os.truncate(data, os.path.getsize(data) // 2)
+    bad_json = workdir('bad_json')
+    with open(os.path.join(bad_json, 'model_config.json'), 'w') as f:
+      f.write('{"units_per_block": [2,')
+    bad_train_json = workdir('bad_train_json')
+    with open(os.path.join(bad_train_json, 'train_config.json'), 'w') as f:
+      f.write('[]')
+    a_file = os.path.join(root, 'a_file')
+    open(a_file, 'w').close()
+    base = ['--flagfile=configs/smoke.cfg', '--noprogress_bar', '--steps_per_epoch=1']
+    cases = {
+      'zero epsilon': (['--adamax_epsilon=0', f'--workdir={root}/w'], '--adamax_epsilon'),
+      'nan learning rate': (['--learning_rate=nan', f'--workdir={root}/w'], '--learning_rate'),
+      'num_bits': (['--num_bits=9', f'--workdir={root}/w'], '--num_bits'),
+      'seed': ([f'--seed={2**64}', f'--workdir={root}/w'], '--seed'),
+      'copied checkpoints': (
+        [f'--workdir={copied}'],
+        'written for a different model config: steps_per_unit (2, 2) vs (1, 1)',
+      ),
+      'truncated checkpoint': ([f'--workdir={truncated}'], 'checkpoints/ckpt-0'),
+      'model config not JSON': ([f'--workdir={bad_json}'], 'model_config.json: not a readable'),
+      'train config not an object': ([f'--workdir={bad_train_json}'], 'train_config.json'),
+      'workdir is a file': ([f'--workdir={a_file}'], f'--workdir={a_file}'),
+    }
+    results = cli_testlib.run_cases(
+      'tf_denseflow.flags:define_flags',
+      'tf_denseflow.train:_parse',
+      'tf_denseflow.train:main',
+      [base + args for args, _ in cases.values()],
+    )
+    for (name, (_, needle)), result in zip(cases.items(), results):
+      with self.subTest(name):
+        cli_testlib.assert_one_line_error(self, result, needle)
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
-"""Tests for tf_denseflow.optim.Adamax: the fused update equals Keras's Adamax."""
+"""Tests for tf_denseflow.optim.Adamax: the fused update equals Keras's Adamax; its guard."""
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
+from tf_denseflow import optim
 from tf_denseflow.optim import Adamax
 
 
@@ -35,7 +37,7 @@ def _run(optimizer_cls, strategy, steps=4, learning_rate=1e-2):
   return [v.numpy() for v in variables], slots, int(optimizer.iterations.numpy()), op_types
 
 
-class AdamaxTest(tf.test.TestCase):
+class AdamaxTest(tf.test.TestCase, parameterized.TestCase):
   def test_fused_update_equals_keras_adamax(self):
     strategy = tf.distribute.get_strategy()
     want, want_slots, want_iterations, want_ops = _run(keras.optimizers.Adamax, strategy)
@@ -69,6 +71,69 @@ class AdamaxTest(tf.test.TestCase):
     self.assertAllClose(plain._m[0].numpy(), fused._m[0].numpy())
     self.assertAllClose(plain._u[0].numpy(), fused._u[0].numpy())
     self.assertEqual(int(plain.iterations.numpy()), 1)
+
+  @parameterized.named_parameters(
+    ('official_betas', 0.9, 0.999, 1e-8),
+    ('tiny_epsilon', 0.9, 0.999, 1.2e-38),
+    ('beta_1_above_beta_2', 0.99, 0.5, 1e-7),
+    ('no_momentum', 0.0, 0.999, 1e-7),
+  )
+  def test_update_bound_holds_for_wild_gradients(self, beta_1, beta_2, epsilon):
+    # Gradient entries from 1e-30 to 1e18 (a finite global norm), zeros and sign flips: every
+    # applied update stays below the bound computed before it.
+    rng = np.random.default_rng(0)
+    variable = keras.Variable(rng.normal(size=[64]).astype(np.float32))
+    optimizer = Adamax(learning_rate=0.5, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+    optimizer.build([variable])
+    for step in range(40):
+      scale = 10.0 ** rng.uniform(-30, 18, size=[64])
+      grad = (rng.choice([-1.0, 0.0, 1.0], size=[64]) * scale).astype(np.float32)
+      if step % 7 == 3:
+        grad[:] = 0.0
+      self.assertTrue(np.isfinite(tf.linalg.global_norm([grad]).numpy()))
+      bound = float(optimizer.update_bound())
+      self.assertTrue(bool(optimizer.update_is_safe()))
+      before = variable.numpy()
+      optimizer.apply([tf.constant(grad)], [variable])
+      delta = np.abs(variable.numpy().astype(np.float64) - before)
+      self.assertTrue(np.all(np.isfinite(variable.numpy())))
+      self.assertLessEqual(delta.max(), bound * (1 + 1e-5), f'step {step}')
+
+  def test_update_that_would_overflow_is_refused_before_the_kernel_runs(self):
+    # lr / (1 - beta_1) overflows float32 at lr = 1e38: the kernel then writes Inf, and NaN
+    # (Inf * 0) where the gradient entry is zero. The guard says so before the in-place update.
+    for learning_rate, safe in ((1e-3, True), (1e29, True), (1e31, False), (1e38, False)):
+      variable = keras.Variable(np.ones([3], np.float32))
+      optimizer = Adamax(learning_rate=learning_rate)
+      optimizer.build([variable])
+      self.assertEqual(bool(optimizer.update_is_safe()), safe, learning_rate)
+      if learning_rate == 1e38:
+        optimizer.apply([tf.constant([0.0, 1.0, -1.0])], [variable])
+        self.assertFalse(np.any(np.isfinite(variable.numpy())))  # what the guard prevents
+    self.assertLess(float(Adamax(learning_rate=1e-3).update_bound()), 1.1e-2)
+
+  @parameterized.named_parameters(
+    ('zero_epsilon', {'epsilon': 0.0}, '`epsilon` must be >= 1.17'),
+    ('denormal_epsilon', {'epsilon': 1e-45}, '`epsilon` must be >= 1.17'),
+    ('nan_learning_rate', {'learning_rate': float('nan')}, '`learning_rate` must be finite'),
+    ('float32_inf_learning_rate', {'learning_rate': 1e39}, '`learning_rate` must be <='),
+    ('beta_1_one', {'beta_1': 1.0}, '`beta_1` must be < 1'),
+    ('beta_1_rounds_to_one', {'beta_1': 1 - 1e-9}, '`beta_1` must be < 1 in float32'),
+    ('negative_beta_2', {'beta_2': -0.1}, '`beta_2` must be >= 0'),
+    ('weight_decay', {'weight_decay': 1e-4}, '`weight_decay` is not supported'),
+  )
+  def test_constructor_refuses_hyper_parameters_that_break_the_update(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      Adamax(**kwargs)
+
+  def test_update_limit_is_below_half_an_ulp_of_the_float32_maximum(self):
+    # A finite weight moved by less than half an ulp of the largest float32 (2**103) stays
+    # finite; the limit keeps a margin of 8 for the rounding of the bound itself.
+    biggest = np.float32(np.finfo(np.float32).max)
+    below, above = np.float32(optim.UPDATE_LIMIT * 4), np.float32(optim.UPDATE_LIMIT * 16)
+    with np.errstate(over='ignore'):
+      self.assertTrue(np.isfinite(biggest + below) and np.isfinite(-biggest - below))
+      self.assertFalse(np.isfinite(biggest + above))
 
 
 if __name__ == '__main__':

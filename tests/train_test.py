@@ -249,7 +249,9 @@ class TrainLoopTest(_TestCase):
     optim = train_lib.OptimConfig(
       global_batch_size=4, train_steps=3, finetune_steps=0, max_consecutive_nonfinite=2
     )
-    with self.assertRaisesRegex(train_lib.TrainingError, '2 consecutive steps with a non-finite'):
+    with self.assertRaisesRegex(
+      train_lib.TrainingError, '2 consecutive steps skipped .*2 x non-finite loss'
+    ):
       train_lib.train(_config(optim=optim), self._new_dir(), nonfinite_at=[0, 1])
 
     # Non-finite weights are never written.
@@ -260,9 +262,64 @@ class TrainLoopTest(_TestCase):
         weight = model.trainable_variables[0]
         weight.assign(tf.fill(weight.shape, float('nan')))
 
-    with self.assertRaisesRegex(train_lib.TrainingError, 'Non-finite weights at step 2'):
+    with self.assertRaisesRegex(train_lib.TrainingError, 'Non-finite weights at step 2 \\(.*'):
       train_lib.train(_config(steps=3, checkpoint_every=2), workdir, step_callback=poison)
     self.assertIsNone(workdir_lib.latest_checkpoint(workdir))
+
+  def test_update_that_would_overflow_is_skipped_counted_and_named(self):
+    # issue 10, 7: a finite learning rate whose update overflows float32 (lr / (1 - beta_1) is
+    # Inf at 1e38). The loss and gradients are finite; the update is never applied.
+    snapshots = {}
+
+    def snapshot(step, metrics, model):
+      snapshots[step] = _values(model.trainable_variables + model.non_trainable_keras_variables)
+
+    optim = train_lib.OptimConfig(
+      global_batch_size=4,
+      learning_rate=1e38,
+      warmup_steps=1,
+      train_steps=3,
+      finetune_steps=0,
+      max_consecutive_nonfinite=2,
+    )
+    workdir = self._new_dir()
+    with self.assertRaisesRegex(
+      train_lib.TrainingError,
+      r'2 consecutive steps skipped \(steps 0-1: 2 x update that would overflow float32 .*'
+      r'learning rate 1e\+38',
+    ):
+      train_lib.train(_config(optim=optim), workdir, step_callback=snapshot)
+    for after in snapshots[1]:
+      self.assertTrue(np.all(np.isfinite(after)))
+    model, step = workdir_lib.restore_model(workdir)  # the step-1 checkpoint: finite, unchanged
+    self.assertEqual(step, 1)
+    for before, after in zip(snapshots[1], _values(model.trainable_variables)):
+      self.assertAllEqual(before, after)
+
+  def test_resume_refuses_a_checkpoint_of_another_model(self):
+    # issue 10, 5: the workdir's config is the run's (1, 1), its checkpoint another model's.
+    other = self._new_dir()
+    workdir_lib.write_model_checkpoint(
+      other, DenseFlow(dataclasses.replace(_micro_model(8), steps_per_unit=(2, 2)))
+    )
+    workdir = self._new_dir()
+    workdir_lib.save_model_config(workdir, _micro_model(8))
+    shutil.copytree(workdir_lib.checkpoint_dir(other), workdir_lib.checkpoint_dir(workdir))
+    with self.assertRaisesRegex(
+      train_lib.ConfigError,
+      r'Cannot resume: checkpoint .*ckpt-0 was written for a different model config: '
+      r'steps_per_unit \(2, 2\) vs \(1, 1\)',
+    ):
+      train_lib.train(_config(), workdir)
+    # A checkpoint of the right model without the optimizer state (e.g. converted): resuming
+    # would restart Adamax's moments silently, so it is refused too.
+    workdir = self._new_dir()
+    workdir_lib.write_model_checkpoint(workdir, DenseFlow(_micro_model(8)))
+    with self.assertRaisesRegex(
+      train_lib.ConfigError,
+      r'variable\(s\) not in the checkpoint \(nonfinite_steps, optimizer/_iterations',
+    ):
+      train_lib.train(_config(), workdir)
 
 
 class ScheduleAndConfigTest(_TestCase):
@@ -296,6 +353,29 @@ class ScheduleAndConfigTest(_TestCase):
     wider = _config(model=dataclasses.replace(_micro_model(8), coupling_channels=(16, 16)))
     with self.assertRaisesRegex(train_lib.ConfigError, 'coupling_channels: \\[8, 8\\] in the'):
       train_lib.train(wider, workdir)
+
+  @parameterized.named_parameters(
+    ('zero_epsilon', {'adamax_epsilon': 0.0}, '`--adamax_epsilon` must be >= 1.17'),
+    ('nan_learning_rate', {'learning_rate': float('nan')}, '`--learning_rate` must be finite'),
+    ('inf_finetune_lr', {'finetune_lr': float('inf')}, '`--finetune_lr` must be finite'),
+    ('zero_learning_rate', {'learning_rate': 0.0}, '`--learning_rate` must be > 0'),
+    ('gamma_above_one', {'lr_decay_gamma': 1.5}, '`--lr_decay_gamma` must be <= 1'),
+    ('fractional_steps', {'train_steps': 2.5}, '`--train_steps` must be an integer'),
+    ('bool_batch', {'global_batch_size': True}, '`--global_batch_size` must be a number'),
+  )
+  def test_bad_optimisation_numbers_are_refused_by_name(self, kwargs, message):
+    with self.assertRaisesRegex(train_lib.ConfigError, message):
+      train_lib.OptimConfig(**kwargs)
+
+  @parameterized.named_parameters(
+    ('nan_temperature', {'sample_temperature': float('nan')}, '`--sample_temperature` must be'),
+    ('huge_seed', {'seed': 2**64}, '`--seed` must be'),
+    ('zero_interval', {'checkpoint_every': 0}, '`--checkpoint_every` must be >= 1'),
+    ('negative_count', {'eval_examples': -1}, '`--eval_examples` must be >= 0'),
+  )
+  def test_bad_run_numbers_are_refused_by_name(self, kwargs, message):
+    with self.assertRaisesRegex(train_lib.ConfigError, message):
+      _config(**kwargs)
 
   def test_image_shape_must_match_the_data(self):
     with self.assertRaisesRegex(train_lib.ConfigError, 'does not match the data'):

@@ -47,6 +47,7 @@ import numpy as np
 __all__ = ['OFFICIAL_GMAC_32', 'count_flops', 'define_bench_flags', 'format_table', 'run_benchmark']
 
 _PRESETS = ('tiny', 'small', 'denseflow_74_10')
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # The official conv/matmul cost of one log-likelihood pass per 32x32 image (multiply-adds).
 OFFICIAL_GMAC_32 = {'small': 2.32, 'denseflow_74_10': 16.35}
 
@@ -245,13 +246,18 @@ def run_benchmark(
 
   Returns:
     The JSON-ready result (see the module docstring); a phase that fails holds `error`.
+
+  Raises:
+    ValueError, TypeError: a bad argument (the message names it).
   """
   import tensorflow as tf
 
-  if batch_size <= 0 or steps <= 0 or warmup <= 0:
-    raise ValueError(
-      f'batch_size, steps and warmup must be positive: {batch_size}, {steps}, {warmup}.'
-    )
+  from tf_denseflow import checks
+
+  batch_size = checks.check_int('batch_size', batch_size, 1, _INT32_MAX)
+  steps = checks.check_int('steps', steps, 1, _INT32_MAX)
+  warmup = checks.check_int('warmup', warmup, 1, _INT32_MAX)
+  seed = checks.check_int('seed', seed, 0, _INT64_MAX)
   # Calibration first, before the model's graphs and buffers exist.
   gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
   parts = build_phases(config, batch_size, jit_compile, seed)
@@ -347,37 +353,95 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
 
 
 def define_bench_flags() -> None:
-  """Defines this entry point's flags (called only from `__main__`, never on import)."""
+  """Defines this entry point's flags (called only from `run`, never on import)."""
   from absl import flags
 
-  flags.DEFINE_enum('preset', 'small', list(_PRESETS), 'DenseFlowConfig preset.')
-  flags.DEFINE_integer('image_size', 32, 'Image height = width in pixels.', lower_bound=1)
-  flags.DEFINE_integer('batch_size', 16, 'Images per call.', lower_bound=1)
-  flags.DEFINE_integer('steps', 10, 'Timed calls per phase (median reported).', lower_bound=1)
-  flags.DEFINE_integer('warmup', 2, 'Untimed calls per phase first (tracing).', lower_bound=1)
-  flags.DEFINE_bool('jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
-  flags.DEFINE_enum('coupling_dtype', 'float32', ['float32', 'bfloat16'], 'Coupling-net dtype.')
-  flags.DEFINE_bool(
-    'recompute_grad', False, 'Recompute coupling-network activations in the backward pass.'
+  from tf_denseflow import flags as flags_lib
+
+  define = flags_lib.define  # leaves a flag another program defined (tests) as it is
+  define(flags.DEFINE_enum, 'preset', 'small', list(_PRESETS), 'DenseFlowConfig preset.')
+  define(
+    flags.DEFINE_integer,
+    'image_size',
+    32,
+    'Image height = width in pixels.',
+    lower_bound=1,
+    upper_bound=_INT32_MAX,
   )
-  flags.DEFINE_bool('count_flops', True, 'Count FLOPs with the TF profiler.')
-  flags.DEFINE_string('json', None, 'Write the result to this JSON file.')
-  flags.DEFINE_integer('seed', 0, 'Data and initialisation seed.')
+  define(
+    flags.DEFINE_integer,
+    'batch_size',
+    16,
+    'Images per call.',
+    lower_bound=1,
+    upper_bound=_INT32_MAX,
+  )
+  define(
+    flags.DEFINE_integer,
+    'steps',
+    10,
+    'Timed calls per phase (median reported).',
+    lower_bound=1,
+    upper_bound=_INT32_MAX,
+  )
+  define(
+    flags.DEFINE_integer,
+    'warmup',
+    2,
+    'Untimed calls per phase first (tracing).',
+    lower_bound=1,
+    upper_bound=_INT32_MAX,
+  )
+  define(flags.DEFINE_bool, 'jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
+  define(
+    flags.DEFINE_enum, 'coupling_dtype', 'float32', ['float32', 'bfloat16'], 'Coupling-net dtype.'
+  )
+  define(
+    flags.DEFINE_bool,
+    'recompute_grad',
+    False,
+    'Recompute coupling-network activations in the backward pass.',
+  )
+  define(flags.DEFINE_bool, 'count_flops', True, 'Count FLOPs with the TF profiler.')
+  define(flags.DEFINE_string, 'json', None, 'Write the result to this JSON file.')
+  define(
+    flags.DEFINE_integer,
+    'seed',
+    0,
+    'Data and initialisation seed.',
+    lower_bound=0,
+    upper_bound=_INT64_MAX,
+  )
 
 
 def main(argv: List[str]) -> None:
-  """The `python -m tf_denseflow.bench` entry point (absl)."""
+  """The `python -m tf_denseflow.bench` entry point (absl).
+
+  Bad flags end it with one `error: ...` line on stderr and exit status 2; a failed phase with
+  exit status 1 after the table.
+  """
   from absl import flags, logging
+
+  from tf_denseflow import flags as flags_lib
 
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   if len(argv) > 1:
-    sys.exit(f'bench: error: unexpected arguments: {" ".join(argv[1:])}')
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     config = _make_config(f.preset, f.image_size, f.coupling_dtype, f.recompute_grad)
   except ValueError as e:
-    print(f'bench: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    flags_lib.fail(f'--preset={f.preset} --image_size={f.image_size}: {e}')
+  if f.json:  # before the (slow) run: the result must have somewhere to go
+    directory = os.path.dirname(f.json)
+    try:
+      if directory:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      flags_lib.fail(f'--json={f.json}: cannot create its directory ({e.strerror or e}).')
+    target = f.json if os.path.exists(f.json) else (directory or '.')
+    if os.path.isdir(f.json) or not os.access(target, os.W_OK):
+      flags_lib.fail(f'--json={f.json}: not a writable file path.')
   result = run_benchmark(
     config, f.batch_size, f.steps, f.warmup, f.jit_compile, f.count_flops, f.seed
   )
@@ -386,9 +450,6 @@ def main(argv: List[str]) -> None:
     result['official_gmac_per_image_32'] = OFFICIAL_GMAC_32[f.preset]
   print(format_table(result, f.preset))
   if f.json:
-    directory = os.path.dirname(f.json)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
     with open(f.json, 'w') as out:
       json.dump(result, out, indent=2, sort_keys=True)
     print(f'Wrote {f.json}')
@@ -396,8 +457,15 @@ def main(argv: List[str]) -> None:
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Defines the flags and runs `main` (the `python -m tf_denseflow.bench` entry point)."""
   from absl import app
 
+  from tf_denseflow import flags as flags_lib
+
   define_bench_flags()
-  app.run(main)
+  app.run(main, flags_parser=flags_lib.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -10,7 +10,8 @@ optionally prefixed `param/`), infers the architecture from the key names and sh
 (`config_from_state_dict`), maps every key onto the model's variables (`load_state_dict`) and
 writes `OUT/model_config.json` + `OUT/checkpoints/ckpt-STEP`, the layout that
 `tf_denseflow.evaluate`, `sample` and `export` restore (`workdir.restore_model`). A missing,
-unexpected or mis-shaped key is refused with a one-line error (exit code 2).
+unexpected, mis-shaped or non-finite (in float32) key is refused with a one-line `error: ...`
+(exit code 2), as is a damaged file; nothing is written then.
 
 The mapping (github.com/matejgrcic/DenseFlow): conv kernels NCHW `(out, in, kh, kw)` -> `(kh, kw,
 in, out)`; 1x1-conv matrices as they are (`z = x @ W^T` here, `F.conv2d(x, W[:, :, None, None])`
@@ -29,7 +30,8 @@ import dataclasses
 import math
 import os
 import re
-import sys
+import zipfile
+import zlib
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,6 +48,7 @@ __all__ = [
 
 _TORCH_SUFFIXES = ('.pt', '.pth', '.tar', '.ckpt', '.bin')
 _PRESETS = ('denseflow_74_10', 'small', 'tiny')
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # Config fields a state_dict cannot tell (no parameters carry them): taken from the defaults, a
 # preset or the caller's overrides.
 _NOT_INFERABLE = (
@@ -168,7 +171,13 @@ def _check_buffer(key: str, value: np.ndarray, num_bits: int) -> None:
     expected = -0.5
   elif key == 'transforms.0.ldj_per_dim':
     expected = -num_bits * np.log(2.0)
-  if expected is not None and not np.allclose(np.asarray(value, np.float64), expected, atol=1e-6):
+  if expected is None:
+    return
+  try:
+    close = np.allclose(np.asarray(value, np.float64), expected, atol=1e-6)
+  except (TypeError, ValueError):
+    close = False
+  if not close:
     raise ConversionError(f'{key}: expected {expected}, got {np.asarray(value).ravel()[:4]}.')
 
 
@@ -205,8 +214,11 @@ def load_state_dict(model, state_dict: Dict[str, np.ndarray], strict: bool = Tru
           f'{key}: shape {tuple(np.asarray(state_dict[key]).shape)} maps to {tuple(value.shape)},'
           f' the model expects {tuple(variable.shape)}'
         )
-      elif not np.all(np.isfinite(value)):
-        problems.append(f'{key}: holds non-finite values')
+      elif not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+        problems.append(f'{key}: holds {value.dtype} values, not numbers')
+      # Checked after the cast to float32, the dtype assigned: 1e39 in float64 becomes Inf.
+      elif not np.all(np.isfinite(_as_float32(value))):
+        problems.append(f'{key}: holds non-finite values (in float32)')
   if problems:
     raise ConversionError('State dict does not match the model: ' + '; '.join(problems))
   for key in state_dict:
@@ -217,6 +229,11 @@ def load_state_dict(model, state_dict: Dict[str, np.ndarray], strict: bool = Tru
   for step in model.bijector.steps:
     step.act_norm.initialized.assign(True)
   return sorted(key_map)
+
+
+def _as_float32(value: np.ndarray) -> np.ndarray:
+  with np.errstate(over='ignore', invalid='ignore'):  # overflow to Inf is what is checked
+    return value.astype(np.float32)
 
 
 def _preview(keys: Iterable[str], n: int = 5) -> str:
@@ -342,9 +359,20 @@ def _infer_fields(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
   else:
     fields['dequantization'] = 'uniform'
   if 'transforms.0.ldj_per_dim' in state_dict:
-    bits = -float(np.asarray(state_dict['transforms.0.ldj_per_dim'])) / math.log(2.0)
-    if abs(bits - round(bits)) > 1e-4 or round(bits) <= 0:
-      raise ConversionError(f'transforms.0.ldj_per_dim = {-bits * math.log(2.0)} is not -b ln 2.')
+    # The uniform dequantization's log-det per dimension, -num_bits ln 2 (Glow's n_bits_x).
+    try:
+      bits = -float(np.asarray(state_dict['transforms.0.ldj_per_dim'], np.float64)) / math.log(2.0)
+    except (TypeError, ValueError):
+      raise ConversionError('transforms.0.ldj_per_dim: not a number.') from None
+    if not math.isfinite(bits) or abs(bits - round(bits)) > 1e-4:
+      raise ConversionError(
+        f'transforms.0.ldj_per_dim = {-bits * math.log(2.0)} is not -num_bits ln 2.'
+      )
+    if not 1 <= round(bits) <= 8:
+      raise ConversionError(
+        f'transforms.0.ldj_per_dim = {-bits * math.log(2.0)} gives num_bits = {round(bits)}; '
+        'num_bits must be in 1..8.'
+      )
     fields['num_bits'] = int(round(bits))
   fields['_squeezed_channels'] = in_channels[0]
   return fields
@@ -500,7 +528,7 @@ def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
           obj = {n[len('param/') :]: data[n] for n in names if n.startswith('param/')}
         else:
           obj = {n: data[n] for n in names}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise ConversionError(f'{path}: not a readable .npz ({e}).') from None
   elif suffix in _TORCH_SUFFIXES:
     obj = _read_torch(path)
@@ -542,13 +570,17 @@ def convert_checkpoint(
   Raises:
     ConversionError, FileNotFoundError: see `read_state_dict`, `config_from_state_dict` and
       `load_state_dict`; or `out` already holds a model (without `overwrite`).
+    ValueError, TypeError: a bad `image_size` or `step` (the message names it).
+    workdir.CheckpointError: a weight is non-finite after the assignment (nothing written).
   """
-  from tf_denseflow import workdir
+  from tf_denseflow import checks, workdir
   from tf_denseflow.model import DenseFlow
 
   if not overwrite and os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
     raise ConversionError(f'{out} already holds a model; pass --overwrite or choose another --out.')
-  hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  sizes = [image_size] * 2 if np.ndim(image_size) == 0 else list(image_size)
+  hw = tuple(checks.check_int('image_size', v, 1, _INT32_MAX) for v in sizes)
+  step = checks.check_int('step', 0 if step is None else step, 0, _INT64_MAX)
   state, info = read_state_dict(checkpoint)
   log(
     f'Read {len(state)} arrays from {checkpoint}'
@@ -566,38 +598,60 @@ def convert_checkpoint(
     f'units {config.units_per_block}, steps {config.steps_per_unit}, widths '
     f'{config.coupling_channels}, growth {config.growth_rate}, image {config.image_shape}'
   )
-  path = workdir.write_model_checkpoint(out, model, step=int(step or 0))
+  # write_model_checkpoint refuses non-finite weights (checked again after the assignment).
+  path = workdir.write_model_checkpoint(out, model, step=step)
   log(f'Wrote {path}')
   return path
 
 
 def define_convert_flags() -> None:
-  """Defines this entry point's flags (called only from `__main__`, never on import)."""
+  """Defines this entry point's flags (called only from `run`, never on import)."""
   from absl import flags
 
-  flags.DEFINE_string('checkpoint', None, 'Official checkpoint: .pt (needs torch) or .npz.')
-  flags.DEFINE_string('out', None, 'Workdir to write (model_config.json + checkpoints/).')
-  flags.DEFINE_integer('image_size', None, 'Image height = width in pixels (32 or 64 officially).')
-  flags.DEFINE_enum('preset', None, list(_PRESETS), 'Require (and complete) this preset.')
-  flags.DEFINE_integer('step', 0, 'Global step recorded in the checkpoint.', lower_bound=0)
-  flags.DEFINE_bool('strict', True, 'Refuse state_dict keys without a variable here.')
-  flags.DEFINE_bool('overwrite', False, 'Allow --out to hold a model already.')
+  from tf_denseflow import flags as flags_lib
+
+  define = flags_lib.define  # leaves a flag another program defined (tests) as it is
+  define(flags.DEFINE_string, 'checkpoint', None, 'Official checkpoint: .pt (needs torch) or .npz.')
+  define(flags.DEFINE_string, 'out', None, 'Workdir to write (model_config.json + checkpoints/).')
+  define(
+    flags.DEFINE_integer,
+    'image_size',
+    None,
+    'Image height = width in pixels (32 or 64 officially).',
+    lower_bound=1,
+    upper_bound=_INT32_MAX,
+  )
+  define(flags.DEFINE_enum, 'preset', None, list(_PRESETS), 'Require (and complete) this preset.')
+  define(
+    flags.DEFINE_integer,
+    'step',
+    0,
+    'Global step recorded in the checkpoint.',
+    lower_bound=0,
+    upper_bound=_INT64_MAX,
+  )
+  define(flags.DEFINE_bool, 'strict', True, 'Refuse state_dict keys without a variable here.')
+  define(flags.DEFINE_bool, 'overwrite', False, 'Allow --out to hold a model already.')
 
 
 def main(argv: Sequence[str]) -> None:
-  """The `python -m tf_denseflow.convert_torch` entry point (absl)."""
+  """The `python -m tf_denseflow.convert_torch` entry point (absl).
+
+  Bad input (missing, unreadable or damaged file, a state_dict that does not fit, bad flags)
+  ends it with one `error: ...` line on stderr and exit status 2, as every program here.
+  """
   from absl import flags, logging
+
+  from tf_denseflow import flags as flags_lib
 
   logging.set_verbosity(logging.WARNING)
   flags_ = flags.FLAGS
+  if len(argv) > 1:
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  for name in ('checkpoint', 'out', 'image_size'):
+    if flags_[name].value is None:
+      flags_lib.fail(f'--{name} is required.')
   try:
-    if len(argv) > 1:
-      raise ConversionError(f'unexpected arguments: {" ".join(argv[1:])}')
-    for name in ('checkpoint', 'out', 'image_size'):
-      if getattr(flags_, name) is None:
-        raise ConversionError(f'--{name} is required.')
-    if flags_.image_size <= 0:
-      raise ConversionError(f'--image_size must be positive, got {flags_.image_size}.')
     convert_checkpoint(
       flags_.checkpoint,
       flags_.out,
@@ -607,13 +661,19 @@ def main(argv: Sequence[str]) -> None:
       strict=flags_.strict,
       overwrite=flags_.overwrite,
     )
-  except (ConversionError, OSError) as e:
-    print(f'convert_torch: error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, TypeError, OSError) as e:  # ConversionError, CheckpointError: ValueErrors
+    flags_lib.fail(str(e))
+
+
+def run() -> None:
+  """Defines the flags and runs `main` (the `python -m tf_denseflow.convert_torch` entry point)."""
+  from absl import app
+
+  from tf_denseflow import flags as flags_lib
+
+  define_convert_flags()
+  app.run(main, flags_parser=flags_lib.parse_flags)
 
 
 if __name__ == '__main__':
-  from absl import app
-
-  define_convert_flags()
-  app.run(main)
+  run()

@@ -26,9 +26,9 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 from absl import app, flags
 
+from tf_denseflow import checks, train_lib
 from tf_denseflow import data as data_lib
 from tf_denseflow import flags as flags_lib
-from tf_denseflow import train_lib
 from tf_denseflow import workdir as workdir_lib
 
 __all__ = ['evaluate_workdir', 'main', 'workdir_data_config']
@@ -92,14 +92,23 @@ def evaluate_workdir(
     `checkpoint`, `dataset`, `split`, `seconds`, ...
 
   Raises:
-    ValueError: bad arguments or a data/model shape mismatch.
+    ValueError, TypeError: a bad argument (the message names it), a data/model shape mismatch,
+      or a non-finite result (nothing is written then).
     FileNotFoundError: no model config or checkpoint in the workdir.
+    OSError: the result cannot be written.
+    workdir.CheckpointError: the checkpoint does not fit the workdir's model (a ValueError).
   """
-  if num_samples < 1 or batch_size < 1 or chunk_size < 1:
-    raise ValueError('num_samples, batch_size and chunk_size must be positive.')
+  num_samples = checks.check_int('num_samples', num_samples, 1, flags_lib.INT32_MAX)
+  batch_size = checks.check_int('batch_size', batch_size, 1, flags_lib.INT32_MAX)
+  chunk_size = checks.check_int('chunk_size', chunk_size, 1, flags_lib.INT32_MAX)
+  if max_examples is not None:
+    max_examples = checks.check_int('max_examples', max_examples, 1, flags_lib.INT64_MAX)
+  seed = checks.check_int('seed', seed, flags_lib.INT64_MIN, flags_lib.INT64_MAX)
+  if split not in ('test', 'train'):
+    raise ValueError(f"`split` must be 'test' or 'train', got {split!r}.")
   data_config = data_config or workdir_data_config(workdir)
+  checkpoint = workdir_lib.resolve_checkpoint(workdir, checkpoint)
   model, step = workdir_lib.restore_model(workdir, checkpoint)
-  checkpoint = checkpoint or workdir_lib.latest_checkpoint(workdir)
   shape = tuple(model.config.image_shape)
   if tuple(data_lib.image_shape(data_config)) != shape:
     raise ValueError(
@@ -137,6 +146,11 @@ def evaluate_workdir(
     if progress_bar:
       batches.set_postfix(bpd=f'{-total / seen * model.config.bits_per_dim_scale:.4f}')
   nats = -total / seen
+  if not math.isfinite(nats):
+    raise ValueError(
+      f'checkpoint {checkpoint} gives a non-finite bound on {data_config.dataset!r} ({nats} '
+      'nats per image); no result written.'
+    )
   record = {
     'bits_per_dim': nats * model.config.bits_per_dim_scale,
     'nats_per_image': nats,
@@ -155,11 +169,15 @@ def evaluate_workdir(
   }
   output = output or os.path.join(workdir, f'eval_{split}_k{num_samples}.json')
   directory = os.path.dirname(output)
-  if directory:
-    tf.io.gfile.makedirs(directory)
-  with tf.io.gfile.GFile(output + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(output + '.tmp', output, overwrite=True)
+  try:
+    if directory:
+      tf.io.gfile.makedirs(directory)
+    with tf.io.gfile.GFile(output + '.tmp', 'w') as f:
+      json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
+    tf.io.gfile.rename(output + '.tmp', output, overwrite=True)
+  except (tf.errors.OpError, OSError) as e:
+    message = getattr(e, 'message', None) or e
+    raise OSError(f'cannot write the result to {output}: {message}') from None
   record['output'] = output
   return record
 
@@ -187,10 +205,12 @@ def main(argv: Sequence[str]) -> None:
       output=FLAGS.output,
       progress_bar=FLAGS.progress_bar,
     )
-  except (ValueError, FileNotFoundError) as e:
-    flags_lib.fail(str(e))
   except data_lib.DatasetNotFoundError as e:
     flags_lib.fail(str(e), code=1)
+  except (ValueError, TypeError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
+    flags_lib.fail(str(e))
+  except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:  # damaged data files
+    flags_lib.fail(f'cannot read the data: {e.message}')
   print(
     f'{FLAGS.split} bits/dim: {record["bits_per_dim"]:.4f} ({record["bound"]}, '
     f'K={record["num_samples"]}, {record["num_examples"]} examples, step {record["step"]})'
@@ -201,14 +221,7 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
   """Defines the flags and runs `main` (the `python -m tf_denseflow.evaluate` entry point)."""
   flags_lib.define_evaluate_flags()
-  app.run(main, flags_parser=_parse)
-
-
-def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    flags_lib.fail(str(e).replace('\n', ' '))
+  app.run(main, flags_parser=flags_lib.parse_flags)
 
 
 if __name__ == '__main__':

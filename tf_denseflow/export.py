@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import tensorflow as tf
 from absl import app, flags, logging
 
+from tf_denseflow import checks
+from tf_denseflow import flags as flags_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
 
@@ -53,6 +55,7 @@ __all__ = [
 METADATA_FILE = os.path.join('assets.extra', 'denseflow.json')
 _SERVING_SEED_SALT = 0x5EED  # second word of every serving_default seed
 _VERSION_RE = re.compile(r'^\d+$')
+_INT64_MAX = 2**63 - 1
 
 FLAGS = flags.FLAGS
 
@@ -356,9 +359,7 @@ def next_version(export_dir: str) -> int:
 
 
 def _check_new_version(export_dir: str, version: int) -> int:
-  version = int(version)
-  if version < 0:
-    raise ValueError(f'`version` must be >= 0, got {version}.')
+  version = checks.check_int('version', version, 0, _INT64_MAX)
   path = os.path.join(export_dir, str(version))
   if tf.io.gfile.exists(path):
     raise FileExistsError(f'{path!r} exists; versions are never overwritten.')
@@ -392,7 +393,8 @@ def export_saved_model(
     The path of the new version directory.
 
   Raises:
-    ValueError: `model` is not initialised, or `version` is negative.
+    ValueError: `model` is not initialised, holds a non-finite weight (nothing is written), or
+      `version` is negative.
     FileExistsError: `export_dir/<version>` already exists (versions are never overwritten).
   """
   if not model.is_initialized:
@@ -400,6 +402,10 @@ def export_saved_model(
       'The model is not initialised: call `model.initialize(images)` or restore a checkpoint '
       'before exporting.'
     )
+  # The exported variables are the model's own float32 variables (no cast on the way out).
+  bad = workdir_lib.nonfinite_variables(_export_variables(model))
+  if bad:
+    raise ValueError(f'Not exporting non-finite weights: {", ".join(bad[:3])}.')
   if version is not None:
     version = _check_new_version(export_dir, version)
   module = DenseFlowServingModule(model, max_num_samples, max_rows_per_step)
@@ -444,46 +450,87 @@ def export_saved_model(
 
 
 def define_export_flags() -> None:
-  """Defines this program's flags; called by `main` only (importing the module defines none)."""
-  flags.DEFINE_string('workdir', None, 'Training run directory (model_config.json, checkpoints/).')
-  flags.DEFINE_string('export_dir', None, 'Model base path: versions are written as EXPORT_DIR/N.')
-  flags.DEFINE_integer(
+  """Defines this program's flags; called by `run` only (importing the module defines none).
+
+  Shared flags (`--workdir`, `--checkpoint`) keep an existing definition, as in `flags.py`.
+  """
+  define = flags_lib.define  # leaves a flag another program defined (tests) as it is
+  define(
+    flags.DEFINE_string,
+    'workdir',
+    None,
+    'Training run directory (model_config.json, checkpoints/).',
+  )
+  define(
+    flags.DEFINE_string,
+    'export_dir',
+    None,
+    'Model base path: versions are written as EXPORT_DIR/N.',
+  )
+  define(
+    flags.DEFINE_integer,
     'version',
     None,
     'Version number; default: one more than the largest existing version (1 if none).',
     lower_bound=0,
+    upper_bound=_INT64_MAX,
   )
-  flags.DEFINE_string('checkpoint', None, 'Checkpoint prefix; default: the latest in the workdir.')
-  flags.DEFINE_integer(
-    'max_num_samples', 4096, 'Most draws one row of log_prob_bound may request.', lower_bound=1
+  define(
+    flags.DEFINE_string,
+    'checkpoint',
+    None,
+    'Checkpoint prefix (default: the latest in WORKDIR/checkpoints).',
   )
-  flags.DEFINE_integer(
+  define(
+    flags.DEFINE_integer,
+    'max_num_samples',
+    4096,
+    'Most draws one row of log_prob_bound may request.',
+    lower_bound=1,
+    upper_bound=flags_lib.INT32_MAX,
+  )
+  define(
+    flags.DEFINE_integer,
     'max_rows_per_step',
     64,
     'log_prob_bound evaluates about this many (image, draw) pairs per loop step.',
     lower_bound=1,
+    upper_bound=flags_lib.INT32_MAX,
   )
 
 
 def main(argv: Sequence[str]) -> None:
+  """Exports the workdir's checkpoint; bad input ends it with one `error: ...` line, exit 2."""
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.version is not None:
-    _check_new_version(FLAGS.export_dir, FLAGS.version)  # before the (slow) restore
-  model, step = workdir_lib.restore_model(FLAGS.workdir, FLAGS.checkpoint)
-  path = export_saved_model(
-    model,
-    FLAGS.export_dir,
-    version=FLAGS.version,
-    step=step,
-    max_num_samples=FLAGS.max_num_samples,
-    max_rows_per_step=FLAGS.max_rows_per_step,
-  )
+    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  for name in ('workdir', 'export_dir'):
+    if not FLAGS[name].value:
+      flags_lib.fail(f'--{name} is required.')
+  try:
+    if FLAGS.version is not None:
+      _check_new_version(FLAGS.export_dir, FLAGS.version)  # before the (slow) restore
+    model, step = workdir_lib.restore_model(FLAGS.workdir, FLAGS.checkpoint)
+    path = export_saved_model(
+      model,
+      FLAGS.export_dir,
+      version=FLAGS.version,
+      step=step,
+      max_num_samples=FLAGS.max_num_samples,
+      max_rows_per_step=FLAGS.max_rows_per_step,
+    )
+  except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
+    flags_lib.fail(str(e))
+  except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as e:
+    flags_lib.fail(f'--export_dir={FLAGS.export_dir}: cannot write there ({e.message}).')
   logging.info('Exported step %d of %s to %s', step, FLAGS.workdir, path)
   print(path)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Defines the flags and runs `main` (the `python -m tf_denseflow.export` entry point)."""
   define_export_flags()
-  flags.mark_flags_as_required(['workdir', 'export_dir'])
-  app.run(main)
+  app.run(main, flags_parser=flags_lib.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -11,14 +11,42 @@ w <- w - lr m / ((1 - beta_1^t) (u + eps)),     t = iterations + 1
 one pass (`w -= lr / (1 - beta_1^t) * m / (u + eps)`: equal up to float rounding). Slots,
 hyper-parameters and checkpoints are Keras's `Adamax`'s, so checkpoints of either load in
 the other.
+
+The kernel writes in place, so whether an update would be finite has to be known before it runs
+(`Adamax.update_is_safe`). With valid hyper-parameters (checked by the constructor) and
+gradients whose global norm is finite (the training step checks that, so every entry is at most
+`sqrt(float32 max)` ~ 1.8e19), the update is bounded without looking at the slots:
+```
+|m| <= C u   for every entry, by induction from m = u = 0, when beta_1 < beta_2:
+             |m'| <= beta_1 |m| + (1 - beta_1) |g| <= (beta_1 C / beta_2 + 1 - beta_1) u' = C u'
+             with u' = max(beta_2 u, |g|) and C = beta_2 (1 - beta_1) / (beta_2 - beta_1) (~1.01)
+|m| <= max |g| <= sqrt(float32 max)        (m is an average of applied gradients; any betas)
+|dw| = lr / (1 - beta_1^t) |m| / (u + eps) <= lr / (1 - beta_1^t) min(C, sqrt(float32 max) / eps)
+```
+`m` and `u` never overflow (their inputs are bounded as above), and `w - dw` for a finite `w`
+stays finite when `|dw|` is below half a unit in the last place of the largest float32 (2**103).
+So the update is finite whenever that bound is finite and below `UPDATE_LIMIT` (2**100, a
+margin for rounding); only a learning rate near the float32 range fails it (e.g. 1e37 overflows
+`lr / (1 - beta_1)`, and with `m = 0` the kernel then computes Inf * 0 = NaN).
 """
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 
-__all__ = ['Adamax']
+from tf_denseflow import checks
+
+__all__ = ['Adamax', 'UPDATE_LIMIT']
+
+# The largest update the guard lets through (see the module docstring).
+UPDATE_LIMIT = 2.0**100
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_GRADIENT_LIMIT = math.sqrt(_FLOAT32_MAX)  # largest entry of a gradient with a finite norm
 
 
 def _resource(variable):
@@ -33,7 +61,60 @@ class Adamax(keras.optimizers.Adamax):
   training step needs the summed gradients before the update (finiteness check, gradient norm),
   so it reduces them itself and this class skips the second reduction. Use it only where the
   caller has reduced the gradients already (`train_step.make_train_step`) or runs one replica.
+
+  The constructor refuses hyper-parameters that make the update non-finite (NaN or infinite
+  learning rate, `epsilon` that is not a normal float32, betas outside [0, 1) in float32), and
+  `update_is_safe` says before an update whether it can overflow (module docstring).
+
+  Raises:
+    ValueError, TypeError: a bad hyper-parameter (the message names it), or `weight_decay`
+      (not covered by the update bound).
   """
+
+  def __init__(
+    self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name='adamax', **kwargs
+  ):
+    if kwargs.get('weight_decay') is not None:
+      raise ValueError('`weight_decay` is not supported by optim.Adamax (no update bound for it).')
+    if not callable(learning_rate) and not isinstance(learning_rate, keras.Variable):
+      checks.check_float('learning_rate', learning_rate, 0.0, maximum=_FLOAT32_MAX)
+    for arg, value in (('beta_1', beta_1), ('beta_2', beta_2)):
+      checks.check_float(arg, value, 0.0)
+      if not np.float32(value) < 1.0:  # beta_1 rounded to 1 makes 1 - beta_1^t zero
+        raise ValueError(f'`{arg}` must be < 1 in float32, got {value!r}.')
+    checks.check_float('epsilon', epsilon, _FLOAT32_TINY, maximum=_FLOAT32_MAX)
+    super().__init__(
+      learning_rate=learning_rate,
+      beta_1=beta_1,
+      beta_2=beta_2,
+      epsilon=epsilon,
+      name=name,
+      **kwargs,
+    )
+
+  def update_bound(self, learning_rate=None) -> tf.Tensor:
+    """An upper bound of `|dw|` over every entry of the next update, float32 (may be Inf/NaN).
+
+    Holds for any gradients with a finite global norm (module docstring).
+
+    Args:
+      learning_rate: the learning rate of the update (default: the optimizer's current one).
+    """
+    if learning_rate is None:
+      learning_rate = self.learning_rate
+    b1, b2 = float(np.float32(self.beta_1)), float(np.float32(self.beta_2))
+    ratio = _GRADIENT_LIMIT / float(np.float32(self.epsilon))
+    if b1 < b2:
+      ratio = min(ratio, b2 * (1.0 - b1) / (b2 - b1))
+    # The kernel's own arithmetic: lr / (1 - beta_1^t) in float32.
+    beta_1_power = tf.pow(tf.constant(b1, tf.float32), tf.cast(self.iterations + 1, tf.float32))
+    corrected = tf.cast(learning_rate, tf.float32) / (1.0 - beta_1_power)
+    return corrected * tf.constant(ratio, tf.float32)
+
+  def update_is_safe(self, learning_rate=None) -> tf.Tensor:
+    """Whether the next update is finite for any gradients with a finite global norm (bool)."""
+    bound = self.update_bound(learning_rate)
+    return tf.math.is_finite(bound) & (bound <= UPDATE_LIMIT)
 
   def _all_reduce_sum_gradients(self, grads_and_vars):
     return list(grads_and_vars)

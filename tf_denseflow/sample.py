@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 from absl import app, flags
 
+from tf_denseflow import checks, summaries
 from tf_denseflow import flags as flags_lib
-from tf_denseflow import summaries
 from tf_denseflow import workdir as workdir_lib
 
 __all__ = ['main', 'sample_grid']
@@ -51,18 +51,25 @@ def sample_grid(
     The PNG path.
 
   Raises:
-    ValueError: `num` < 1 or a negative temperature.
+    ValueError, TypeError: a bad argument (the message names it).
     FileNotFoundError: no model config or checkpoint in the workdir.
+    OSError: the PNG cannot be written.
+    workdir.CheckpointError: the checkpoint does not fit the workdir's model (a ValueError).
   """
-  if num < 1:
-    raise ValueError(f'`num` must be positive, got {num}.')
-  if temperature < 0:
-    raise ValueError(f'`temperature` must be >= 0, got {temperature}.')
+  num = checks.check_int('num', num, 1, flags_lib.INT32_MAX)
+  temperature = checks.check_float('temperature', temperature, 0.0, maximum=flags_lib.FLOAT32_MAX)
+  seed = checks.check_int('seed', seed, flags_lib.INT64_MIN, flags_lib.INT64_MAX)
+  if columns is not None:
+    columns = checks.check_int('columns', columns, 1, flags_lib.INT32_MAX)
   model, _ = workdir_lib.restore_model(workdir, checkpoint)
   draw = tf.function(lambda s: model.sample(num, s, temperature), autograph=False)
   images = draw(tf.constant([seed, 0], tf.int64)).numpy()
   out = out or os.path.join(workdir, f'samples_t{temperature:g}_seed{seed}.png')
-  return summaries.save_png(summaries.image_grid(images, columns), out)
+  grid = summaries.image_grid(images, columns)
+  try:
+    return summaries.save_png(grid, out)
+  except (tf.errors.OpError, OSError) as e:
+    raise OSError(f'cannot write the grid to {out}: {getattr(e, "message", None) or e}') from None
 
 
 def main(argv: Sequence[str]) -> None:
@@ -80,22 +87,15 @@ def main(argv: Sequence[str]) -> None:
       columns=FLAGS.columns,
       checkpoint=FLAGS.checkpoint,
     )
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
     flags_lib.fail(str(e))
   print(path)
-
-
-def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    flags_lib.fail(str(e).replace('\n', ' '))
 
 
 def run() -> None:
   """Defines the flags and runs `main` (the `python -m tf_denseflow.sample` entry point)."""
   flags_lib.define_sample_flags()
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=flags_lib.parse_flags)
 
 
 if __name__ == '__main__':

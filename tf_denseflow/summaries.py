@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from tf_denseflow import checks
+
 __all__ = ['image_grid', 'save_png', 'write_image_grid', 'write_scalars']
 
 
@@ -31,7 +33,8 @@ def image_grid(images: np.ndarray, columns: Optional[int] = None, padding: int =
     uint8 `[rows * (H + padding) + padding, columns * (W + padding) + padding, C]`.
 
   Raises:
-    ValueError: `images` is not a non-empty 4-D uint8 array, or `columns` is not positive.
+    ValueError, TypeError: `images` is not a non-empty 4-D uint8 array, `columns` is not a
+      positive integer or `padding` a non-negative one.
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[0] == 0 or images.dtype != np.uint8:
@@ -39,9 +42,8 @@ def image_grid(images: np.ndarray, columns: Optional[int] = None, padding: int =
       f'`images` must be a non-empty uint8 [N, H, W, C] array, got {images.dtype} {images.shape}.'
     )
   n, h, w, c = images.shape
-  columns = columns or math.ceil(math.sqrt(n))
-  if columns <= 0:
-    raise ValueError(f'`columns` must be positive, got {columns}.')
+  columns = checks.check_int('columns', math.ceil(math.sqrt(n)) if columns is None else columns)
+  padding = checks.check_int('padding', padding, 0)
   rows = math.ceil(n / columns)
   grid = np.full(
     (rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255, np.uint8

@@ -62,9 +62,10 @@ def with_default_flagfile(argv: Sequence[str], default: str = DEFAULT_FLAGFILE) 
 def _parse(argv: List[str]) -> List[str]:
   """absl flags parser: one `error: ...` line and exit code 2 on bad flags."""
   try:
-    return FLAGS(with_default_flagfile(argv))
-  except (flags.Error, FileNotFoundError) as e:
-    flags_lib.fail(str(e).replace('\n', ' '))
+    argv = with_default_flagfile(argv)
+  except FileNotFoundError as e:
+    flags_lib.fail(str(e))
+  return flags_lib.parse_flags(argv)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -76,6 +77,7 @@ def main(argv: Sequence[str]) -> None:
 
   from tf_denseflow import data as data_lib
   from tf_denseflow import train_lib
+  from tf_denseflow import workdir as workdir_lib
 
   std_logging.getLogger('tensorflow').setLevel(std_logging.WARNING)
 
@@ -88,7 +90,7 @@ def main(argv: Sequence[str]) -> None:
   logging.info('Config: %s', config.to_json())
   try:
     result = train_lib.train(config, FLAGS.workdir)
-  except train_lib.ConfigError as e:
+  except (train_lib.ConfigError, workdir_lib.CheckpointError) as e:
     flags_lib.fail(str(e))
   except (train_lib.TrainingError, data_lib.DatasetNotFoundError) as e:
     flags_lib.fail(str(e), code=1)

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tf_denseflow import checks
 from tf_denseflow import data as data_lib
 from tf_denseflow import flags as flags_lib
 from tf_denseflow.config import DenseFlowConfig
@@ -50,6 +51,22 @@ class TrainingError(RuntimeError):
 # Configs.
 
 
+def _check_int(flag: str, value, minimum: int, maximum: int) -> None:
+  try:
+    checks.check_int(f'--{flag}', value, minimum, maximum)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_float(flag: str, value, minimum: float, exclusive_minimum=False, maximum=None) -> None:
+  try:
+    checks.check_float(
+      f'--{flag}', value, minimum, exclusive_minimum, maximum or flags_lib.FLOAT32_MAX
+    )
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimisation recipe (defaults: the official CIFAR-10 command).
@@ -81,19 +98,22 @@ class OptimConfig:
   max_consecutive_nonfinite: int = 10
 
   def __post_init__(self):
-    if self.global_batch_size <= 0:
-      raise ConfigError(f'--global_batch_size must be positive, got {self.global_batch_size}.')
     if self.lr_schedule not in flags_lib.LR_SCHEDULES:
       raise ConfigError(
         f'--lr_schedule must be one of {flags_lib.LR_SCHEDULES}, got {self.lr_schedule!r}.'
       )
+    _check_int('global_batch_size', self.global_batch_size, 1, flags_lib.INT32_MAX)
+    # Learning rates and epsilon meet the weights in float32 (the fused Adamax kernel): they
+    # must be finite there, and epsilon a normal float32 (0 gives 0/0 on a zero gradient entry).
+    _check_float('learning_rate', self.learning_rate, 0.0, exclusive_minimum=True)
+    _check_float('finetune_lr', self.finetune_lr, 0.0, exclusive_minimum=True)
+    _check_float('adamax_epsilon', self.adamax_epsilon, flags_lib.FLOAT32_TINY)
+    _check_float('lr_decay_gamma', self.lr_decay_gamma, 0.0, exclusive_minimum=True, maximum=1.0)
     for name in ('warmup_steps', 'train_steps', 'finetune_steps'):
-      if getattr(self, name) < 0:
-        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}.')
-    if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
-      raise ConfigError(f'--steps_per_epoch must be positive, got {self.steps_per_epoch}.')
-    if self.max_consecutive_nonfinite <= 0:
-      raise ConfigError('--max_consecutive_nonfinite must be positive.')
+      _check_int(name, getattr(self, name), 0, flags_lib.MAX_STEPS)
+    if self.steps_per_epoch is not None:
+      _check_int('steps_per_epoch', self.steps_per_epoch, 1, flags_lib.MAX_STEPS)
+    _check_int('max_consecutive_nonfinite', self.max_consecutive_nonfinite, 1, flags_lib.INT32_MAX)
 
   @property
   def total_steps(self) -> int:
@@ -150,16 +170,19 @@ class TrainConfig:
       raise ConfigError(
         f'--noise_seeding must be one of {flags_lib.NOISE_SEEDINGS}, got {self.noise_seeding!r}.'
       )
-    for name in ('checkpoint_every', 'keep_checkpoints', 'log_every'):
-      if getattr(self, name) <= 0:
-        raise ConfigError(f'--{name} must be positive, got {getattr(self, name)}.')
-    for name in ('eval_every', 'sample_every', 'num_grid_samples', 'num_cpu_devices'):
-      if getattr(self, name) < 0:
-        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}.')
-    if self.eval_batch_size is not None and self.eval_batch_size <= 0:
-      raise ConfigError(f'--eval_batch_size must be positive, got {self.eval_batch_size}.')
-    if self.eval_examples is not None and self.eval_examples < 0:
-      raise ConfigError(f'--eval_examples must be >= 0, got {self.eval_examples}.')
+    _check_int('seed', self.seed, flags_lib.INT64_MIN, flags_lib.INT64_MAX)
+    for name in ('checkpoint_every', 'log_every'):
+      _check_int(name, getattr(self, name), 1, flags_lib.MAX_STEPS)
+    for name in ('eval_every', 'sample_every'):
+      _check_int(name, getattr(self, name), 0, flags_lib.MAX_STEPS)
+    _check_int('keep_checkpoints', self.keep_checkpoints, 1, flags_lib.INT32_MAX)
+    _check_int('num_grid_samples', self.num_grid_samples, 0, flags_lib.INT32_MAX)
+    _check_int('num_cpu_devices', self.num_cpu_devices, 0, flags_lib.MAX_CPU_DEVICES)
+    if self.eval_batch_size is not None:
+      _check_int('eval_batch_size', self.eval_batch_size, 1, flags_lib.INT32_MAX)
+    if self.eval_examples is not None:
+      _check_int('eval_examples', self.eval_examples, 0, flags_lib.INT64_MAX)
+    _check_float('sample_temperature', self.sample_temperature, 0.0)
     expected = data_lib.image_shape(self.data)
     if tuple(self.model.image_shape) != tuple(expected):
       raise ConfigError(
@@ -193,6 +216,7 @@ class TrainConfig:
         image_dir=fv.image_dir,
         image_size=fv.image_size,
         download=fv.download,
+        skip_bad_images=fv.skip_bad_images,
         augmentation=fv.augmentation,
         shuffle_buffer=fv.shuffle_buffer,
         celeba_center_crop=fv.celeba_center_crop,
@@ -272,18 +296,39 @@ def model_config_from_flags(flag_values, image_shape: Sequence[int]) -> DenseFlo
 
 
 def load_train_config(workdir: str) -> Dict:
-  """The `train_config.json` of a run directory, as a dict (empty if there is none)."""
+  """The `train_config.json` of a run directory, as a dict (empty if there is none).
+
+  Raises:
+    ConfigError: the file is unreadable or not a JSON object (the message names it).
+  """
   path = os.path.join(workdir, TRAIN_CONFIG_FILE)
   if not tf.io.gfile.exists(path):
     return {}
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      fields = json.load(f)
+  except (ValueError, OSError, tf.errors.OpError) as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ConfigError(f'{path}: not a readable JSON train config ({e}).') from None
+  if not isinstance(fields, dict) or not all(
+    isinstance(fields.get(k, {}), dict) for k in ('data', 'optim', 'model')
+  ):
+    raise ConfigError(
+      f'{path}: not a train config (a JSON object of `data`, `optim`, ... objects).'
+    )
+  return fields
 
 
-def data_config_from_json(fields: Dict) -> data_lib.DataConfig:
-  """Rebuilds a `DataConfig` from the `data` section of `train_config.json`."""
+def data_config_from_json(fields: Dict, source: str = TRAIN_CONFIG_FILE) -> data_lib.DataConfig:
+  """Rebuilds a `DataConfig` from the `data` section of `train_config.json`.
+
+  Raises:
+    ConfigError: the fields do not make a valid data config (the message names `source`).
+  """
   names = {f.name for f in dataclasses.fields(data_lib.DataConfig)}
-  return data_lib.DataConfig(**{k: v for k, v in fields.items() if k in names})
+  try:
+    return data_lib.DataConfig(**{k: v for k, v in fields.items() if k in names})
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'{source}: invalid data settings: {e}') from None
 
 
 # -------------------------------------------------------------------------------------------------

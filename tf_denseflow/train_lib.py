@@ -6,7 +6,8 @@ the CPU (optionally split into `num_cpu_devices` logical devices), and leaves in
 ```
 WORKDIR/model_config.json      the architecture (checked on resume)
 WORKDIR/train_config.json      every setting of the run (evaluate/sample read the dataset here)
-WORKDIR/checkpoints/ckpt-N     tf.train.Checkpoint(model, optimizer, step, nonfinite_steps)
+WORKDIR/checkpoints/ckpt-N     tf.train.Checkpoint(model, optimizer, step, nonfinite_steps,
+                                                   model_config)
 WORKDIR/tb/                    TensorBoard scalars and sample grids
 WORKDIR/metrics.jsonl          one JSON line per log/eval point (step, wall-clock, bits/dim)
 WORKDIR/samples_stepN.png      the final sample grid
@@ -17,7 +18,8 @@ The step (DESIGN.md section 6; built by `train_step.make_train_step`):
 nll   = -elbo(images, noise)                      # [per-replica batch], nats, training=True
 loss  = compute_average_loss(nll, global_batch)   # SUM over replicas = global mean
 grads = all_reduce(SUM, d loss / d weights)       # once; checked, measured, then applied
-update if loss and grads are finite, else skip (BN running statistics only assigned on update)
+update if the step is safe (finite loss, gradients and BN statistics, an update that cannot
+overflow), else skip it and count it (BN running statistics only assigned on update)
 ```
 
 Randomness is stateless. The step's seed is `fold_in((seed, 1), step)`. With
@@ -96,7 +98,7 @@ __all__ = [
 ]
 
 # Architecture fields that may change on resume: they do not change the function or the weights.
-_RESUMABLE_MODEL_FIELDS = ('use_recompute_grad', 'coupling_dtype')
+_RESUMABLE_MODEL_FIELDS = workdir_lib.WEIGHT_NEUTRAL_FIELDS
 # Second words of the stateless seeds, one stream per use.
 _TRAIN_STREAM, _EVAL_STREAM, _INIT_STREAM, _SAMPLE_STREAM = 1, 2, 3, 4
 
@@ -286,10 +288,15 @@ def _prepare_workdir(workdir: str, config: TrainConfig) -> bool:
   Raises:
     ConfigError: the workdir holds a different architecture.
   """
-  resuming = workdir_lib.latest_checkpoint(workdir) is not None
-  config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-  if tf.io.gfile.exists(config_path):
-    saved = dataclasses.asdict(workdir_lib.load_model_config(workdir))
+  try:
+    resuming = workdir_lib.latest_checkpoint(workdir) is not None
+    config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    saved = None
+    if tf.io.gfile.exists(config_path):
+      saved = dataclasses.asdict(workdir_lib.load_model_config(workdir))
+  except (workdir_lib.CheckpointError, OSError) as e:
+    raise ConfigError(str(e)) from None
+  if saved is not None:
     current = dataclasses.asdict(config.model)
     changed = [
       f'{k}: {_plain(saved[k])} in the workdir, {_plain(current[k])} now'
@@ -325,6 +332,11 @@ def _prepare_workdir(workdir: str, config: TrainConfig) -> bool:
   return resuming
 
 
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
 def _plain(value):
   """JSON-comparable form (tuples and lists compare equal)."""
   if isinstance(value, (list, tuple)):
@@ -332,13 +344,28 @@ def _plain(value):
   return value
 
 
-def _all_finite(variables: Sequence) -> bool:
-  for v in variables:
-    if tf.as_dtype(v.dtype).is_floating and not bool(
-      tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
-    ):
-      return False
-  return True
+def _resume(path: str, state: Dict, model_config, workdir: str) -> None:
+  """Restores the whole training state from `path`, or raises `ConfigError` saying why not.
+
+  Everything must match (`workdir.restore_checkpoint`): the model config the checkpoint was
+  written for, every model and optimizer variable (resuming without the Adamax slots would
+  silently restart the moments), the step and the skipped-step counter. The restored values must
+  be finite (the update bound of `optim.Adamax` assumes finite slots).
+  """
+  try:
+    workdir_lib.restore_checkpoint(
+      path,
+      state,
+      model_config,
+      config_source=f'the model config of this run ({workdir}/{workdir_lib.CONFIG_FILE})',
+      exclusive=('model', 'optimizer'),
+    )
+  except workdir_lib.CheckpointError as e:
+    raise ConfigError(f'Cannot resume: {e}') from None
+  variables = state['model'].trainable_variables + state['model'].non_trainable_keras_variables
+  bad = workdir_lib.nonfinite_variables(variables + list(state['optimizer'].variables))
+  if bad:
+    raise ConfigError(f'Cannot resume from {path}: non-finite values in {", ".join(bad[:3])}.')
 
 
 class _StopSignal:
@@ -410,11 +437,18 @@ def train(
       f'--eval_batch_size={eval_batch} is not divisible by the {replicas} replicas.'
     )
   per_replica_batch = global_batch // replicas
-  resuming = _prepare_workdir(workdir, config)
+  try:
+    resuming = _prepare_workdir(workdir, config)
+  except (OSError, tf.errors.OpError) as e:
+    raise ConfigError(f'--workdir={workdir}: cannot write there ({_first_line(e)}).') from None
   logging.info('Training on %d replica(s): %s', replicas, ', '.join(devices))
   print(f'replicas: {replicas} ({", ".join(devices)}); per-replica batch {per_replica_batch}')
 
   # ----------------------------------------------------------------- Data
+  try:  # both splits, before any step: every image file decodes, shapes and dtypes fit
+    data_lib.check_data(config.data)
+  except data_lib.BadDataError as e:
+    raise ConfigError(str(e)) from None
   steps_per_epoch = config.optim.steps_per_epoch
   if steps_per_epoch is None:
     num_train = data_lib.num_examples(config.data, 'train') or global_batch
@@ -431,8 +465,9 @@ def train(
     optimizer = Adamax(learning_rate=lambda: schedule(step), epsilon=config.optim.adamax_epsilon)
     trainable = model.trainable_variables
     optimizer.build(trainable)
+  state = dict(model=model, optimizer=optimizer, step=step, nonfinite_steps=nonfinite_total)
   checkpoint = tf.train.Checkpoint(
-    model=model, optimizer=optimizer, step=step, nonfinite_steps=nonfinite_total
+    **state, model_config=workdir_lib.model_config_variable(config.model)
   )
   manager = tf.train.CheckpointManager(
     checkpoint, workdir_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints
@@ -440,8 +475,7 @@ def train(
 
   # ----------------------------------------------------------------- Restore or initialise
   if resuming:
-    status = checkpoint.restore(manager.latest_checkpoint)
-    status.assert_existing_objects_matched()
+    _resume(manager.latest_checkpoint, state, config.model, workdir)
     logging.info('Resumed at step %d from %s', int(step.numpy()), manager.latest_checkpoint)
     print(f'resumed at step {int(step.numpy())} from {manager.latest_checkpoint}')
   else:
@@ -535,6 +569,7 @@ def train(
   run_start = time.time()
   progress = None  # created after the first step, so that tracing does not skew the ETA
   consecutive_nonfinite = 0
+  skip_reasons: Dict[str, int] = {}  # causes of the current run of skipped steps
   window = {'loss': 0.0, 'count': 0, 'start': time.time(), 'steps': 0}
   nonfinite_at = frozenset(int(s) for s in nonfinite_at)
 
@@ -543,10 +578,12 @@ def train(
     if current == saved_step:
       return manager.latest_checkpoint
     variables = list(trainable) + list(model.non_trainable_keras_variables)
-    if not _all_finite(variables):
+    bad = workdir_lib.nonfinite_variables(variables)
+    if bad:
       raise TrainingError(
-        f'Non-finite weights at step {current}: not saving them. The last good checkpoint is '
-        f'{manager.latest_checkpoint}.'
+        f'Non-finite weights at step {current} ({", ".join(bad[:3])}'
+        f'{f" and {len(bad) - 3} more" if len(bad) > 3 else ""}): not saving them. The last '
+        f'good checkpoint is {manager.latest_checkpoint}.'
       )
     path = manager.save(checkpoint_number=current)
     saved_step = current
@@ -579,24 +616,30 @@ def train(
         result.losses.append((current - 1, loss))
         if not out['finite']:
           consecutive_nonfinite += 1
+          reason = train_step_lib.SKIP_REASONS[int(out['skip_reason'])]
+          skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
           result.nonfinite_steps = int(nonfinite_total.numpy())
           logging.warning(
-            'step %d: non-finite loss or gradient (loss %s); update skipped (%d in a row, %d '
-            'in total).',
+            'step %d: %s (loss %s, learning rate %s); update skipped (%d in a row, %d in total).',
             current - 1,
+            reason,
             loss,
+            float(out['learning_rate']),
             consecutive_nonfinite,
             result.nonfinite_steps,
           )
           if consecutive_nonfinite >= config.optim.max_consecutive_nonfinite:
+            causes = ', '.join(f'{n} x {r}' for r, n in skip_reasons.items())
             raise TrainingError(
-              f'{consecutive_nonfinite} consecutive steps with a non-finite loss or gradient '
-              f'(steps {current - consecutive_nonfinite}-{current - 1}); stopping. The last '
-              f'checkpoint ({manager.latest_checkpoint}) holds finite weights; lower '
-              '--learning_rate or raise --warmup_steps before resuming.'
+              f'{consecutive_nonfinite} consecutive steps skipped (steps '
+              f'{current - consecutive_nonfinite}-{current - 1}: {causes}; learning rate '
+              f'{float(out["learning_rate"]):g}); stopping. The last checkpoint '
+              f'({manager.latest_checkpoint}) holds finite weights; lower --learning_rate or '
+              'raise --warmup_steps before resuming.'
             )
         else:
           consecutive_nonfinite = 0
+          skip_reasons = {}
           window['loss'] += loss
           window['count'] += 1
         window['steps'] += 1

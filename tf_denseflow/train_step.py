@@ -7,8 +7,11 @@ per replica (optionally XLA-compiled; nothing in it assigns or synchronises):
   grads = d loss / d weights
   bn    = running statistics after this batch         # recorded, not assigned
 all_reduce: SUM(loss, grads), MEAN(bn)
-cross-replica, only if loss and grads are finite:  optimizer.apply(grads); assign bn
+cross-replica, only if the step is safe:  optimizer.apply(grads); assign bn
+safe = finite loss, finite gradient norm, finite batch-norm statistics, and an update that
+       cannot overflow (`optimizer.update_is_safe()`, checked before the in-place kernel)
 ```
+A skipped step is reported with its cause (`SKIP_REASONS[skip_reason]`) and counted.
 
 Batch-norm running statistics are recorded by `nn.collect_batch_norm_updates` rather than
 assigned in the forward pass. That keeps the replica function free of `merge_call` (so
@@ -27,7 +30,16 @@ import tensorflow as tf
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.nn.layers import collect_batch_norm_updates
 
-__all__ = ['make_train_step', 'replica_loss_and_grads']
+__all__ = ['SKIP_REASONS', 'make_train_step', 'replica_loss_and_grads']
+
+# What made a step skip its update, by the `skip_reason` code the step returns (0: applied).
+SKIP_REASONS = (
+  None,
+  'non-finite loss',
+  'non-finite gradient',
+  'non-finite batch-norm statistics',
+  'update that would overflow float32 (learning rate too large)',
+)
 
 
 def replica_loss_and_grads(
@@ -74,12 +86,13 @@ def make_train_step(
   learning_rate_fn: Callable[[tf.Variable], tf.Tensor],
   jit_compile: bool = False,
 ) -> Callable:
-  """Builds `train_step(iterator, multiplier) -> {loss, grad_norm, finite, learning_rate}`.
+  """Builds `train_step(iterator, multiplier) -> {loss, grad_norm, finite, skip_reason, ...}`.
 
   Args:
     strategy: the distribution strategy (variables created in its scope).
     model: the flow.
-    optimizer: applies summed gradients as given (no second all-reduce).
+    optimizer: applies summed gradients as given (no second all-reduce); its
+      `update_is_safe()` (`optim.Adamax`), if it has one, guards the update itself.
     variables: the trainable variables.
     noise_fn: `noise_fn(images, seed, replica_id) -> noise` (any nest of tensors): the random
       inputs of the replica's loss, drawn outside the XLA cluster (XLA's stateless generators
@@ -93,7 +106,8 @@ def make_train_step(
     jit_compile: XLA-compile the per-replica loss-and-gradient function.
 
   Returns:
-    A `tf.function`; the loss is the global mean in nats.
+    A `tf.function` returning `loss` (the global mean, nats), `grad_norm`, `finite` (the update
+    was applied), `skip_reason` (index into `SKIP_REASONS`, 0 if applied) and `learning_rate`.
   """
   bn_variables: List[tf.Variable] = []
   for layer in model.batch_norm_layers:
@@ -125,6 +139,8 @@ def make_train_step(
       distribution.experimental_local_results(finite)[0], apply, lambda: tf.constant(False)
     )
 
+  update_is_safe = getattr(optimizer, 'update_is_safe', None)
+
   def replica_step(images, seed, multiplier):
     ctx = tf.distribute.get_replica_context()
     noise = noise_fn(images, seed, ctx.replica_id_in_sync_group)
@@ -133,21 +149,40 @@ def make_train_step(
     if bn_values:
       bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
     # A NaN or Inf in any gradient makes the global norm non-finite: one check instead of one
-    # per variable. (A norm that overflows float32, > 1.8e19, also counts as non-finite.)
+    # per variable. (A norm that overflows float32, > 1.8e19, also counts as non-finite; so every
+    # applied gradient entry is below 1.8e19, which the update bound relies on.)
     grad_norm = tf.linalg.global_norm(grads)
-    finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
+    checks = [
+      tf.math.is_finite(loss),
+      tf.math.is_finite(grad_norm),
+      tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in bn_values])
+      if bn_values
+      else tf.constant(True),
+      # The fused kernel writes in place: the update is judged before it runs (optim.py).
+      update_is_safe() if update_is_safe is not None else tf.constant(True),
+    ]
+    skip_reason = tf.constant(0, tf.int32)
+    for code in reversed(range(len(checks))):  # the first failing check names the cause
+      skip_reason = tf.where(checks[code], skip_reason, tf.constant(code + 1, tf.int32))
+    finite = tf.equal(skip_reason, 0)
     ctx.merge_call(apply_if_finite, args=(grads, bn_values, finite))
-    return loss, grad_norm, finite
+    return loss, grad_norm, finite, skip_reason
 
   @tf.function(autograph=False)
   def train_step(iterator, multiplier) -> Dict[str, tf.Tensor]:
     seed = seed_fn(step)
     learning_rate = learning_rate_fn(step)
-    loss, grad_norm, finite = strategy.run(replica_step, args=(next(iterator), seed, multiplier))
+    outputs = strategy.run(replica_step, args=(next(iterator), seed, multiplier))
     first = strategy.experimental_local_results
-    loss, grad_norm, finite = first(loss)[0], first(grad_norm)[0], first(finite)[0]
+    loss, grad_norm, finite, skip_reason = [first(x)[0] for x in outputs]
     nonfinite_total.assign_add(tf.cast(tf.logical_not(finite), nonfinite_total.dtype))
     step.assign_add(1)
-    return {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, 'learning_rate': learning_rate}
+    return {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'finite': finite,
+      'skip_reason': skip_reason,
+      'learning_rate': learning_rate,
+    }
 
   return train_step
