@@ -205,8 +205,8 @@ def main(argv: Sequence[str]) -> None:
       output=FLAGS.output,
       progress_bar=FLAGS.progress_bar,
     )
-  except data_lib.DatasetNotFoundError as e:
-    flags_lib.fail(str(e), code=1)
+  except data_lib.DatasetNotFoundError as e:  # bad input too: one line, exit 2
+    flags_lib.fail(str(e))
   except (ValueError, TypeError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
     flags_lib.fail(str(e))
   except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:  # damaged data files

@@ -527,6 +527,15 @@ def define_flags() -> None:
   )
   define(
     flags.DEFINE_integer,
+    'steps_per_loop',
+    1,
+    "Training steps per tf.function call (orbit's inner loop): one host sync per loop, so an "
+    'accelerator is not idled by the host every step; intervals are rounded to whole loops.',
+    lower_bound=1,
+    upper_bound=MAX_STEPS,
+  )
+  define(
+    flags.DEFINE_integer,
     'num_cpu_devices',
     0,
     'Split the CPU into this many logical devices and train on them with MirroredStrategy '

@@ -90,9 +90,9 @@ def main(argv: Sequence[str]) -> None:
   logging.info('Config: %s', config.to_json())
   try:
     result = train_lib.train(config, FLAGS.workdir)
-  except (train_lib.ConfigError, workdir_lib.CheckpointError) as e:
-    flags_lib.fail(str(e))
-  except (train_lib.TrainingError, data_lib.DatasetNotFoundError) as e:
+  except (train_lib.ConfigError, workdir_lib.CheckpointError, data_lib.DatasetNotFoundError) as e:
+    flags_lib.fail(str(e))  # bad input, missing data included: one line, exit 2
+  except train_lib.TrainingError as e:
     flags_lib.fail(str(e), code=1)
   except KeyboardInterrupt:
     sys.exit(130)

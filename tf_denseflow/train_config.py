@@ -132,6 +132,9 @@ class TrainConfig:
     seed: seed of the weights, the data order and every noise draw.
     noise_seeding: 'global_batch' (replica-count invariant) or 'per_replica'.
     jit_compile: XLA-compile the per-replica loss-and-gradient function.
+    steps_per_loop: training steps per `tf.function` call (orbit's inner loop): one host sync
+      per `steps_per_loop` steps, so an accelerator is not idled by the host every step.
+      Logging, evaluation, checkpoint and sample intervals are rounded to whole loops.
     num_cpu_devices: train on this many logical CPU devices (0: all GPUs, else one CPU).
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: checkpoints to keep.
@@ -152,6 +155,7 @@ class TrainConfig:
   seed: int = 0
   noise_seeding: str = 'global_batch'
   jit_compile: bool = False
+  steps_per_loop: int = 1
   num_cpu_devices: int = 0
   checkpoint_every: int = 2000
   keep_checkpoints: int = 3
@@ -176,6 +180,7 @@ class TrainConfig:
     for name in ('eval_every', 'sample_every'):
       _check_int(name, getattr(self, name), 0, flags_lib.MAX_STEPS)
     _check_int('keep_checkpoints', self.keep_checkpoints, 1, flags_lib.INT32_MAX)
+    _check_int('steps_per_loop', self.steps_per_loop, 1, flags_lib.MAX_STEPS)
     _check_int('num_grid_samples', self.num_grid_samples, 0, flags_lib.INT32_MAX)
     _check_int('num_cpu_devices', self.num_cpu_devices, 0, flags_lib.MAX_CPU_DEVICES)
     if self.eval_batch_size is not None:
@@ -251,6 +256,7 @@ class TrainConfig:
       seed=fv.seed,
       noise_seeding=fv.noise_seeding,
       jit_compile=fv.jit_compile,
+      steps_per_loop=fv.steps_per_loop,
       num_cpu_devices=fv.num_cpu_devices,
       checkpoint_every=fv.checkpoint_every,
       keep_checkpoints=fv.keep_checkpoints,
