@@ -24,6 +24,16 @@ tfd = tfp.distributions
 __all__ = ['DenseFlow', 'iwbo_accumulate', 'iwbo_normalize']
 
 
+def _unique(items) -> list:
+  """`items` without repeats (by identity), in first-seen order."""
+  seen, out = set(), []
+  for item in items:
+    if id(item) not in seen:
+      seen.add(id(item))
+      out.append(item)
+  return out
+
+
 def iwbo_accumulate(acc: tf.Tensor, lls: tf.Tensor, draws: tf.Tensor, num_samples) -> tf.Tensor:
   """One streaming step of the importance-weighted bound: a running log-sum-exp per row.
 
@@ -121,6 +131,10 @@ class DenseFlow(tf.Module):
   # ---------------------------------------------------------------------------------------------
   # Variables and initialisation.
 
+  def _keras_layers(self) -> list:
+    """The Keras layers of the module tree, in a deterministic order."""
+    return self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
+
   @property
   def trainable_variables(self) -> List[tf.Variable]:
     """Every trainable variable: tf.Variables and those of the Keras 3 networks.
@@ -128,42 +142,23 @@ class DenseFlow(tf.Module):
     `tf.Module` does not see Keras 3 variables (tensorflow/tensorflow#84019), so they are
     collected explicitly from every Keras layer in the module tree, in a deterministic order.
     """
-    found, seen = [], set()
-    for v in super().trainable_variables:
-      if id(v) not in seen:
-        seen.add(id(v))
-        found.append(v)
-    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
-    for layer in layers:
-      for v in layer.trainable_variables:
-        if id(v) not in seen:
-          seen.add(id(v))
-          found.append(v)
-    return found
+    keras_variables = (v for layer in self._keras_layers() for v in layer.trainable_variables)
+    return _unique([*super().trainable_variables, *keras_variables])
 
   @property
   def non_trainable_keras_variables(self) -> list:
     """Batch-norm running statistics."""
-    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
-    out, seen = [], set()
-    for layer in layers:
-      for v in layer.non_trainable_variables:
-        if id(v) not in seen:
-          seen.add(id(v))
-          out.append(v)
-    return out
+    return _unique(v for layer in self._keras_layers() for v in layer.non_trainable_variables)
 
   @property
   def batch_norm_layers(self) -> list:
     """Every `nn.BatchNorm` layer of the networks, in a deterministic order."""
-    layers = self._flatten(predicate=lambda m: isinstance(m, keras.layers.Layer))
-    out, seen = [], set()
-    for layer in layers:
-      for sub in [layer, *layer._flatten_layers(include_self=False)]:
-        if isinstance(sub, BatchNorm) and id(sub) not in seen:
-          seen.add(id(sub))
-          out.append(sub)
-    return out
+    return _unique(
+      sub
+      for layer in self._keras_layers()
+      for sub in [layer, *layer._flatten_layers(include_self=False)]
+      if isinstance(sub, BatchNorm)
+    )
 
   def num_parameters(self) -> int:
     """Number of trainable parameters."""
