@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_denseflow as tdf
-from tf_denseflow import convert_torch, workdir
+from tf_denseflow import convert_torch, torch_keys, workdir
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'testdata', 'golden')
 _HAS_TORCH = importlib.util.find_spec('torch') is not None
@@ -57,9 +57,9 @@ def _synthetic_state(listing):
 def _official_state(model):
   """The state_dict the official code would hold for `model` (inverse of the key map)."""
   inverse = {
-    convert_torch._conv: lambda v: np.transpose(v, (3, 2, 0, 1)),
-    convert_torch._vec: lambda v: np.reshape(v, (1, -1, 1, 1)),
-    convert_torch._same: lambda v: v,
+    torch_keys._conv: lambda v: np.transpose(v, (3, 2, 0, 1)),
+    torch_keys._vec: lambda v: np.reshape(v, (1, -1, 1, 1)),
+    torch_keys._same: lambda v: v,
   }
   state = {
     key: inverse[transform](variable.numpy())
@@ -177,7 +177,7 @@ class FullModelKeyMapTest(tf.test.TestCase):
     listed = set(self.listing)
     self.assertEmpty(set(self.key_map) - listed)
     left = listed - set(self.key_map)
-    self.assertEqual(left, {k for k in listed if convert_torch._stateless_buffer(k)})
+    self.assertEqual(left, {k for k in listed if torch_keys._stateless_buffer(k)})
     self.assertTrue(all(self.listing[k][2] == 'buffer' for k in left))
     self.assertLen(left, 302 - 2 * 74)  # buffers minus the BN running statistics
     self.assertLen(self.key_map, 3725 - len(left))
@@ -219,7 +219,7 @@ class FullModel32KeyMapTest(tf.test.TestCase):
     listing = _listing('full')
     model = tdf.DenseFlow(tdf.DenseFlowConfig.denseflow_74_10((32, 32, 3)))
     key_map = convert_torch.official_key_map(model)
-    self.assertEqual(set(key_map), {k for k in listing if not convert_torch._stateless_buffer(k)})
+    self.assertEqual(set(key_map), {k for k in listing if not torch_keys._stateless_buffer(k)})
     for key, (variable, transform) in key_map.items():
       shape = transform(np.zeros(listing[key][0], np.float32)).shape
       self.assertEqual(tuple(shape), tuple(variable.shape), key)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import tf_denseflow as tdf
-from tf_denseflow import export, workdir
+from tf_denseflow import export, serving, workdir
 
 _IMAGE_SHAPE = (8, 8, 3)
 _BATCH = 4
@@ -56,16 +56,16 @@ def run(name, **inputs):
   return {k: v.numpy() for k, v in outputs.items()}
 
 images, seed = data['images'], data['seed']
-temperature, num_samples = data['temperature'], data['num_samples']
+temperature, num_samples = data['temperature'], data['num_importance_samples']
 out = {}
-log_prob = run('serving_default', images=images)
-out['log_prob'], out['bits_per_dim'] = log_prob['log_prob'], log_prob['bits_per_dim']
-out['log_prob_again'] = run('serving_default', images=images)['log_prob']
-out['log_prob_row1'] = run('serving_default', images=images[1:2])['log_prob']
-bound = run('log_prob_bound', images=images, seed=seed, num_samples=num_samples)
+elbo = run('serving_default', images=images)
+out['elbo'], out['bits_per_dim'] = elbo['elbo'], elbo['bits_per_dim']
+out['elbo_again'] = run('serving_default', images=images)['elbo']
+out['elbo_row1'] = run('serving_default', images=images[1:2])['elbo']
+bound = run('log_prob_bound', images=images, seed=seed, num_importance_samples=num_samples)
 out['bound'], out['bound_bits_per_dim'] = bound['log_prob_bound'], bound['bits_per_dim']
 out['bound_row1'] = run(
-  'log_prob_bound', images=images[1:2], seed=seed[1:2], num_samples=num_samples[1:2]
+  'log_prob_bound', images=images[1:2], seed=seed[1:2], num_importance_samples=num_samples[1:2]
 )['log_prob_bound']
 out['samples'] = run('sample', seed=seed, temperature=temperature)['images']
 out['samples_again'] = run('sample', seed=seed, temperature=temperature)['images']
@@ -165,7 +165,7 @@ def _fuzz_cases():
     return {
       'images': images or t([n, h, w, c], u8),
       'seed': seed or t([n, 2], i64),
-      'num_samples': num_samples or t([n], i32, 1),
+      'num_importance_samples': num_samples or t([n], i32, 1),
     }
 
   def sample_inputs(n, seed=None, temperature=None):
@@ -177,9 +177,9 @@ def _fuzz_cases():
   # name -> (function, inputs, expected: output shapes, or a substring of the error)
   cases = {
     # serving_default
-    'log_prob_batch0': ('serving_default', {'images': t([0, h, w, c], u8)}, {'log_prob': [0]}),
-    'log_prob_batch1': ('serving_default', {'images': t([1, h, w, c], u8)}, {'log_prob': [1]}),
-    'log_prob_batch3': ('serving_default', {'images': t([3, h, w, c], u8, 255)}, {}),
+    'elbo_batch0': ('serving_default', {'images': t([0, h, w, c], u8)}, {'elbo': [0]}),
+    'elbo_batch1': ('serving_default', {'images': t([1, h, w, c], u8)}, {'elbo': [1]}),
+    'elbo_batch3': ('serving_default', {'images': t([3, h, w, c], u8, 255)}, {}),
     'images_float': ('serving_default', {'images': t([2, h, w, c], f32)}, 'uint8'),
     'images_int32': ('serving_default', {'images': t([2, h, w, c], i32)}, 'uint8'),
     'images_rank3': ('serving_default', {'images': t([h, w, c], u8)}, images_shape),
@@ -199,22 +199,22 @@ def _fuzz_cases():
     'bound_num_samples_0': (
       'log_prob_bound',
       bound_inputs(2, num_samples=t([2], i32, 0)),
-      '`num_samples` must be in [1, 4096]',
+      '`num_importance_samples` must be in [1, 4096]',
     ),
     'bound_num_samples_negative': (
       'log_prob_bound',
       bound_inputs(2, num_samples=t([2], i32, -3)),
-      '`num_samples` must be in',
+      '`num_importance_samples` must be in',
     ),
     'bound_num_samples_too_many': (
       'log_prob_bound',
       bound_inputs(1, num_samples=t([1], i32, 5000)),
-      '`num_samples` must be in',
+      '`num_importance_samples` must be in',
     ),
     'bound_num_samples_scalar': (
       'log_prob_bound',
       bound_inputs(1, num_samples=t([], i32, 1)),
-      '`num_samples` must have shape [N]',
+      '`num_importance_samples` must have shape [N]',
     ),
     'bound_num_samples_float': (
       'log_prob_bound',
@@ -274,17 +274,17 @@ def _fuzz_cases():
   # The restored methods (Python callers) check dtype and shape against the input signature
   # before running, with the input's name in the message.
   methods = {
-    'method_images_float': ('log_prob', {'images': t([2, h, w, c], f32)}, "name='images'"),
-    'method_images_rank5': ('log_prob', {'images': t([2, h, w, c, 1], u8)}, "name='images'"),
+    'method_images_float': ('elbo', {'images': t([2, h, w, c], f32)}, "name='images'"),
+    'method_images_rank5': ('elbo', {'images': t([2, h, w, c, 1], u8)}, "name='images'"),
     'method_seed_int32': ('sample', sample_inputs(1, seed=t([1, 2], i32)), "name='seed'"),
     'method_sample_batch1': ('sample', sample_inputs(1), {'images': [1, h, w, c]}),
   }
   # The C++ session path of a model server: shapes are checked by the graph alone.
   session = {
-    'session_log_prob_batch1': (
+    'session_elbo_batch1': (
       'serving_default',
       {'images': t([1, h, w, c], u8)},
-      {'log_prob': [1]},
+      {'elbo': [1]},
     ),
     'session_images_rank5': ('serving_default', {'images': t([2, h, w, c, 1], u8)}, images_shape),
     'session_images_rank3': ('serving_default', {'images': t([h, w, c], u8)}, images_shape),
@@ -298,7 +298,7 @@ def _fuzz_cases():
     'session_num_samples_scalar': (
       'log_prob_bound',
       bound_inputs(2, num_samples=t([], i32, 3)),
-      '`num_samples` must have shape [N]',
+      '`num_importance_samples` must have shape [N]',
     ),
   }
   groups = {'signature': cases, 'method': methods, 'session': session}
@@ -373,7 +373,7 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     cls.version_dir = export.export_saved_model(cls.model, cls.base, step=7)
     rng = np.random.RandomState(2)
     cls.images = rng.randint(0, 256, (_BATCH,) + _IMAGE_SHAPE).astype(np.uint8)
-    cls.images[3] = cls.images[0]  # equal images must get equal log_prob
+    cls.images[3] = cls.images[0]  # equal images must get an equal elbo
     cls.seed = rng.randint(-(2**40), 2**40, (_BATCH, 2)).astype(np.int64)
     cls.temperature = np.array([1.0, 0.7, 0.0, 1.3], np.float32)
     cls.num_samples = np.array([1, 3, 2, 4], np.int32)
@@ -383,12 +383,12 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       images=cls.images,
       seed=cls.seed,
       temperature=cls.temperature,
-      num_samples=cls.num_samples,
+      num_importance_samples=cls.num_samples,
     )
     # What the model itself computes, row by row (a batch of one each): the export's contract.
     model = cls.model
-    seeds = export.content_seeds(cls.images)
-    cls.want_log_prob = np.concatenate(
+    seeds = serving.content_seeds(cls.images)
+    cls.want_elbo = np.concatenate(
       [model.elbo(cls.images[r : r + 1], seed=seeds[r]).numpy() for r in range(_BATCH)]
     )
     cls.want_bound = np.array(
@@ -464,15 +464,29 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'not initialised'):
       export.export_saved_model(model, os.path.join(self.root, 'uninitialised'))
 
+  def test_bound_is_the_same_in_any_number_of_chunks(self):
+    # 3 (image, draw) pairs per step: one draw of the batch per loop step, so the IWBO streams
+    # over 4 chunks, and rows drop out as their own count is reached.
+    module = serving.DenseFlowServingModule(self.model, max_rows_per_step=3)
+    got = module.log_prob_bound(
+      tf.constant(self.images), tf.constant(self.seed), tf.constant(self.num_samples)
+    )
+    self.assertAllClose(got['log_prob_bound'], self.want_bound, rtol=1e-5, atol=1e-3)
+
   @parameterized.named_parameters(
     ('max_num_samples', dict(max_num_samples=0)), ('max_rows_per_step', dict(max_rows_per_step=0))
   )
   def test_module_rejects_bad_arguments(self, kwargs):
     with self.assertRaisesRegex(ValueError, list(kwargs)[0]):
-      export.DenseFlowServingModule(self.model, **kwargs)
+      serving.DenseFlowServingModule(self.model, **kwargs)
+
+  def test_export_re_exports_the_serving_module(self):
+    # train_lib and older callers import them from tf_denseflow.export.
+    self.assertIs(export.DenseFlowServingModule, serving.DenseFlowServingModule)
+    self.assertIs(export.content_seeds, serving.content_seeds)
 
   def test_content_seeds_are_the_documented_fingerprint(self):
-    seeds = export.content_seeds(self.images).numpy()
+    seeds = serving.content_seeds(self.images).numpy()
     fingerprints = tf.fingerprint(self.images).numpy()
     for r in range(_BATCH):
       want = int.from_bytes(fingerprints[r].tobytes(), 'little', signed=True)
@@ -489,13 +503,13 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(report['signatures'], ['log_prob_bound', 'sample', 'serving_default'])
     self.assertEqual(report['blocked_imports'], [])
     # serving_default: the model's ELBO with each row's content seed; deterministic.
-    self.assertAllClose(out['log_prob'], self.want_log_prob, rtol=1e-5, atol=1e-3)
+    self.assertAllClose(out['elbo'], self.want_elbo, rtol=1e-5, atol=1e-3)
     self.assertAllClose(
-      out['bits_per_dim'], -self.want_log_prob * self.model.config.bits_per_dim_scale, rtol=1e-5
+      out['bits_per_dim'], -self.want_elbo * self.model.config.bits_per_dim_scale, rtol=1e-5
     )
-    self.assertAllEqual(out['log_prob_again'], out['log_prob'])
-    self.assertEqual(out['log_prob'][0], out['log_prob'][3])  # equal images
-    self.assertAllClose(out['log_prob_row1'], out['log_prob'][1:2], rtol=1e-7, atol=1e-5)
+    self.assertAllEqual(out['elbo_again'], out['elbo'])
+    self.assertEqual(out['elbo'][0], out['elbo'][3])  # equal images
+    self.assertAllClose(out['elbo_row1'], out['elbo'][1:2], rtol=1e-7, atol=1e-5)
     # log_prob_bound: log-mean-exp of the model's ELBOs at fold_in(seed[r], s).
     self.assertAllClose(out['bound'], self.want_bound, rtol=1e-5, atol=1e-3)
     self.assertAllClose(
@@ -529,11 +543,11 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       '--inputs',
       f'images={arrays}/images.npy',
       '--outdir',
-      f'{arrays}/log_prob',
+      f'{arrays}/elbo',
     )
     self.assertEqual(ran.returncode, 0, ran.stderr[-3000:])
-    log_prob = np.load(f'{arrays}/log_prob/log_prob.npy')
-    self.assertAllClose(log_prob, self.want_log_prob, rtol=1e-5, atol=1e-3)
+    elbo = np.load(f'{arrays}/elbo/elbo.npy')
+    self.assertAllClose(elbo, self.want_elbo, rtol=1e-5, atol=1e-3)
     ran = _saved_model_cli(
       'run',
       *common,
@@ -556,7 +570,8 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       "signature_def['log_prob_bound']",
       "signature_def['sample']",
       "inputs['images']",
-      "inputs['num_samples']",
+      "inputs['num_importance_samples']",
+      "outputs['elbo']",
       "inputs['temperature']",
       "outputs['bits_per_dim']",
       'DT_UINT8',
@@ -603,13 +618,13 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(json.load(f)['step'], 5)
     # The export holds the model that `workdir.restore_model` rebuilds from the checkpoint.
     restored, _ = workdir.restore_model(run_dir)
-    seeds = export.content_seeds(self.images)
+    seeds = serving.content_seeds(self.images)
     want = np.concatenate(
       [restored.elbo(self.images[r : r + 1], seed=seeds[r]).numpy() for r in range(_BATCH)]
     )
     loaded = tf.saved_model.load(os.path.join(base, '1'))
-    log_prob = loaded.signatures['serving_default'](images=tf.constant(self.images))['log_prob']
-    self.assertAllClose(log_prob, want, rtol=1e-5, atol=1e-3)
+    elbo = loaded.signatures['serving_default'](images=tf.constant(self.images))['elbo']
+    self.assertAllClose(elbo, want, rtol=1e-5, atol=1e-3)
 
   @pytest.mark.slow
   def test_command_line_refuses_an_existing_version(self):
@@ -687,20 +702,20 @@ class CommandLineErrorTest(tf.test.TestCase):
     with open(os.path.join(wrong_values, 'model_config.json'), 'w') as f:
       json.dump(dataclasses.asdict(_micro_config()) | {'growth_rate': -2}, f)
     uninitialised = run_dir('uninitialised', _micro_config(), initialise=False)
-    serving = f'--export_dir={root}/serving'
+    export_dir = f'--export_dir={root}/serving'
     cases = {
       'no export_dir': ([f'--workdir={good}'], '--export_dir is required'),
-      'zero max_num_samples': ([f'--workdir={good}', serving, '--max_num_samples=0'], 'max_num'),
-      'negative version': ([f'--workdir={good}', serving, '--version=-1'], '--version'),
-      'existing version': ([f'--workdir={good}', serving, '--version=1'], 'never overwritten'),
+      'zero max_num_samples': ([f'--workdir={good}', export_dir, '--max_num_samples=0'], 'max_num'),
+      'negative version': ([f'--workdir={good}', export_dir, '--version=-1'], '--version'),
+      'existing version': ([f'--workdir={good}', export_dir, '--version=1'], 'never overwritten'),
       'copied checkpoints': (
-        [f'--workdir={copied}', serving],
+        [f'--workdir={copied}', export_dir],
         'written for a different model config: steps_per_unit (2, 2) vs (1, 1)',
       ),
-      'config not JSON': ([f'--workdir={bad_json}', serving], 'model_config.json: not a'),
-      'config values': ([f'--workdir={wrong_values}', serving], '`growth_rate` must be >= 0'),
-      'uninitialised': ([f'--workdir={uninitialised}', serving], 'not initialised'),
-      'empty workdir': ([f'--workdir={root}', serving], 'No model_config.json'),
+      'config not JSON': ([f'--workdir={bad_json}', export_dir], 'model_config.json: not a'),
+      'config values': ([f'--workdir={wrong_values}', export_dir], '`growth_rate` must be >= 0'),
+      'uninitialised': ([f'--workdir={uninitialised}', export_dir], 'not initialised'),
+      'empty workdir': ([f'--workdir={root}', export_dir], 'No model_config.json'),
     }
     results = cli_testlib.run_cases(
       'tf_denseflow.export:define_export_flags',
