@@ -19,6 +19,7 @@ from absl.testing import parameterized
 from PIL import Image
 
 from tf_denseflow import data
+from tf_denseflow.data import embedded
 
 _NUM_CIFAR_TRAIN = 12
 _NUM_CIFAR_TEST = 5
@@ -108,6 +109,18 @@ def tearDownModule():
 
 def _cifar_config(**kwargs):
   return data.DataConfig(dataset='cifar10', data_dir=_tfds_fixture()[0], **kwargs)
+
+
+def _embedded_config(data_dir, image_size, num_train, num_test, seed=0):
+  """The `DataConfig` of what `build_embedded_dataset(data_dir, ...)` builds."""
+  return data.DataConfig(
+    dataset='embedded',
+    data_dir=data_dir,
+    image_size=image_size,
+    embedded_num_train=num_train,
+    embedded_num_test=num_test,
+    seed=seed,
+  )
 
 
 def _batches(ds, count):
@@ -656,14 +669,7 @@ class EmbeddedDatasetTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(os.stat(info).st_mtime_ns, stamp)
     self.assertEqual(os.listdir(data_dir), [data.EMBEDDED_NAME])  # no temporary folder left
 
-    config = data.DataConfig(
-      dataset='embedded',
-      data_dir=data_dir,
-      image_size=16,
-      embedded_num_train=40,
-      embedded_num_test=10,
-      seed=1,
-    )
+    config = _embedded_config(data_dir, **self._ARGS)
     expected = data.embedded_patches(**self._ARGS)
     for split in ('train', 'test'):
       loaded = np.stack(list(data.load_split(config, split).as_numpy_iterator()))
@@ -697,6 +703,70 @@ class EmbeddedDatasetTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(first, 2)
     self.assertEqual(first, again)
     self.assertNotEqual(first, other)
+
+  def test_builder_stores_the_generator_patches_as_the_old_build_did(self):
+    args = dict(image_size=8, num_train=300, num_test=60, seed=0)
+    name = data.embedded_config_name(**args)
+    expected = data.embedded_patches(**args)
+    root = self.get_temp_dir()
+
+    def store_version_1(data_dir, patches):  # what build_embedded_dataset wrote by hand before
+      tfds.dataset_builders.store_as_tfds_dataset(
+        name=data.EMBEDDED_NAME,
+        version='1.0.0',
+        config=name,
+        features=tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(8, 8, 3))}),
+        split_datasets={
+          split: [(i, {'image': image}) for i, image in enumerate(images)]
+          for split, images in patches.items()
+        },
+        data_dir=data_dir,
+        disable_shuffling=True,
+      )
+
+    old_dir, new_dir = os.path.join(root, 'old'), os.path.join(root, 'new')
+    store_version_1(old_dir, expected)
+    # A stale 1.0.0 build of other images in the new data_dir must not be read.
+    store_version_1(new_dir, {split: np.zeros_like(images) for split, images in expected.items()})
+    builder = embedded.DenseflowPhotoPatches(config=name, data_dir=new_dir)
+    self.assertFalse(builder.is_prepared())
+    builder.download_and_prepare(download_dir=os.path.join(root, 'downloads'))  # as `tfds build`
+    self.assertTrue(builder.info.disable_shuffling)
+    self.assertEqual(str(builder.version), data.EMBEDDED_VERSION)
+    self.assertNotEqual(data.EMBEDDED_VERSION, '1.0.0')
+    self.assertEqual(data.build_embedded_dataset(new_dir, **args), new_dir)  # reused
+    config = _embedded_config(new_dir, **args)
+    for split in ('train', 'test'):
+      stored = np.stack([x['image'] for x in tfds.as_numpy(builder.as_dataset(split=split))])
+      self.assertAllEqual(stored, expected[split])  # same patches, same order
+      self.assertAllEqual(
+        np.stack(list(data.load_split(config, split).as_numpy_iterator())), stored
+      )
+      record = f'{data.EMBEDDED_NAME}-{split}.tfrecord-00000-of-00001'
+      paths = [
+        os.path.join(old_dir, data.EMBEDDED_NAME, name, '1.0.0', record),
+        os.path.join(str(builder.data_path), record),
+      ]
+      old_bytes, new_bytes = (open(path, 'rb').read() for path in paths)
+      self.assertEqual(new_bytes, old_bytes)  # byte for byte what the old build wrote
+
+  def test_builder_configs(self):
+    cls = embedded.DenseflowPhotoPatches
+    self.assertEqual(list(cls.builder_configs), ['32x32', '8x8_n64_t16_seed0'])
+    default = cls.get_builder_config('32x32')
+    self.assertEqual(
+      (default.image_size, default.num_train, default.num_test, default.seed),
+      (32, 20_000, 2_000, 0),
+    )
+    self.assertEqual(str(default.version), data.EMBEDDED_VERSION)
+    other = cls.get_builder_config('16x16_n40_t10_seed1')
+    self.assertEqual(
+      (other.image_size, other.num_train, other.num_test, other.seed), (16, 40, 10, 1)
+    )
+    self.assertEqual(other.name, data.embedded_config_name(**self._ARGS))
+    for name in ('32x32_n20000_t2000_seed0', '16x8', '16x16_n40', 'cifar10'):
+      self.assertIsNone(cls.get_builder_config(name), name)
+    self.assertIsNone(cls.get_builder_config('16x16_n40_t10_seed1', version='1.0.0'))
 
   def test_default_config_name(self):
     self.assertEqual(data.embedded_config_name(), '32x32')
