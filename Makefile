@@ -26,8 +26,9 @@ test: lint
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow tests
 
+# TF_CPP_MIN_LOG_LEVEL=2 hides TensorFlow's C++ notices (read at import; `-v=0` shows INFO logs).
 demo: setup
-	$(BIN)/python -m tf_denseflow.train --workdir=runs/default
+	TF_CPP_MIN_LOG_LEVEL=$${TF_CPP_MIN_LOG_LEVEL:-2} $(BIN)/python -m tf_denseflow.train --workdir=runs/default
 
 bench: setup
 	$(BIN)/python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 --json=runs/bench_small.json

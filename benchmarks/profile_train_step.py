@@ -74,7 +74,7 @@ def main(argv=None):
   parts = bench.build_phases(config, args.batch_size)
   seed_of, batches = parts['seed_of'], parts['batches']
   call = {
-    'train': lambda i: parts['train'](parts['iterator'], parts['one']),
+    'train': lambda i: parts['train'](parts['iterator']),
     'eval': lambda i: parts['eval'](batches[i % 2], seed_of(i)),
     'sample': lambda i: parts['sample'](seed_of(i)),
   }[args.phase]

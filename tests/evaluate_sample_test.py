@@ -70,6 +70,7 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
       num_grid_samples=0,
       progress_bar=False,
     )
+    cls.train_config = config
     train_lib.train(config, cls.workdir)
 
   @classmethod
@@ -82,7 +83,7 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
     result = _run(
       'tf_denseflow.evaluate',
       f'--workdir={self.workdir}',
-      '--num_samples=3',
+      '--num_importance_samples=3',
       '--chunk_size=2',
       '--batch_size=4',
       '--max_examples=6',
@@ -93,7 +94,9 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
     with open(output) as f:
       record = json.load(f)
     self.assertEqual(record['num_examples'], 6)  # 2 batches of 4, 2 padded images masked out
-    self.assertEqual((record['num_samples'], record['bound'], record['step']), (3, 'iwbo', 1))
+    self.assertEqual(
+      (record['num_importance_samples'], record['bound'], record['step']), (3, 'iwbo', 1)
+    )
     self.assertEqual(record['dataset'], 'embedded')
     self.assertBetween(record['bits_per_dim'], 1.0, 16.0)
 
@@ -119,6 +122,15 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(first['bits_per_dim'], again['bits_per_dim'])  # stateless seeds
     self.assertTrue(os.path.exists(os.path.join(self.root, 'k1_a.json')))
 
+    # The training run's own evaluation of the same checkpoint (same seed stream, batch size and
+    # examples; resumed at its last step, so no step runs) gives the same number.
+    copy = os.path.join(self.root, 'run_copy')
+    shutil.copytree(self.workdir, copy)
+    config = dataclasses.replace(self.train_config, eval_examples=6, eval_batch_size=4)
+    trained = train_lib.train(config, copy)
+    self.assertEqual((trained.start_step, trained.step), (1, 1))
+    self.assertAllClose(trained.test_bpd, first['bits_per_dim'], rtol=1e-5)
+
   def test_sample_cli_writes_a_png_grid(self):
     out = os.path.join(self.root, 'grid.png')
     result = _run(
@@ -139,7 +151,7 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
   def test_cli_errors_are_one_line(self):
     empty = tempfile.mkdtemp(dir=self.root)
     processes = [
-      ('tf_denseflow.evaluate', ['--num_samples=2'], '--workdir is required'),
+      ('tf_denseflow.evaluate', ['--num_importance_samples=2'], '--workdir is required'),
       ('tf_denseflow.evaluate', [f'--workdir={empty}'], 'train_config.json'),
       ('tf_denseflow.sample', [f'--workdir={empty}'], 'No model_config.json'),
     ]
@@ -205,10 +217,16 @@ class EvaluateSampleTest(tf.test.TestCase, parameterized.TestCase):
     good = f'--workdir={self.workdir}'
     mismatch = 'written for a different model config: steps_per_unit (2, 2) vs (1, 1)'
     evaluate_cases = {
-      'zero num_samples': ([good, '--num_samples=0'], '--num_samples'),
+      'zero num_importance_samples': (
+        [good, '--num_importance_samples=0'],
+        '--num_importance_samples',
+      ),
       'negative chunk': ([good, '--chunk_size=-1'], '--chunk_size'),
       'int64 seed': ([good, f'--seed={2**63}'], '--seed'),
-      'copied checkpoints': ([f'--workdir={dirs["copied"]}', '--num_samples=1'], mismatch),
+      'copied checkpoints': (
+        [f'--workdir={dirs["copied"]}', '--num_importance_samples=1'],
+        mismatch,
+      ),
       'truncated': ([f'--workdir={dirs["truncated"]}'], 'checkpoints/ckpt-1'),
       'config not JSON': ([f'--workdir={dirs["bad_json"]}'], 'model_config.json: not a'),
       'train config not JSON': ([f'--workdir={dirs["bad_train_json"]}'], 'train_config.json'),

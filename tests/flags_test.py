@@ -165,7 +165,7 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
       '--model_preset=custom',
       '--units_per_block=3,2,1',
       '--steps_per_unit=1,1,1',
-      '--recompute_grad',
+      '--use_recompute_grad',
       '--coupling_dtype=bfloat16',
     )
     expected = dataclasses.replace(
@@ -217,7 +217,11 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
     ('nan_temperature', '--temperature=nan', 'temperature'),
     ('zero_num', '--num=0', 'num'),
     ('zero_chunk', '--chunk_size=0', 'chunk_size'),
-    ('int32_num_samples', '--num_samples=2147483648', 'num_samples'),
+    (
+      'int32_num_importance_samples',
+      '--num_importance_samples=2147483648',
+      'num_importance_samples',
+    ),
   )
   @flagsaver.flagsaver
   def test_program_flags_refuse_bad_numbers(self, arg, name):
@@ -249,7 +253,7 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
     flags_lib.define_flags()
     flags_lib.define_evaluate_flags()
     flags_lib.define_sample_flags()
-    self.assertIn('num_samples', FLAGS)
+    self.assertIn('num_importance_samples', FLAGS)
 
 
 class CommandLineErrorTest(tf.test.TestCase):

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import keras
 import numpy as np
@@ -34,6 +35,7 @@ from absl.testing import parameterized
 
 from tf_denseflow import data as data_lib
 from tf_denseflow import train_lib
+from tf_denseflow import trainer as trainer_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.model import DenseFlow
@@ -113,6 +115,22 @@ def _state(result):
   )
 
 
+def _poisoned_loss_at(*steps):
+  """Patches the trainer's per-replica loss to NaN at the given global steps.
+
+  The whole per-example loss is multiplied by NaN inside the traced step (after the forward pass
+  has recorded its batch-norm statistics), so the step's own guard must catch and skip it.
+  """
+  original = trainer_lib.Trainer.replica_loss
+
+  def poisoned(self, images, noise):
+    nll = original(self, images, noise)
+    hit = tf.reduce_any(tf.equal(tf.cast(self.step, tf.int64), list(steps)))
+    return nll * tf.where(hit, float('nan'), 1.0)
+
+  return mock.patch.object(trainer_lib.Trainer, 'replica_loss', poisoned)
+
+
 class _TestCase(tf.test.TestCase, parameterized.TestCase):
   def _new_dir(self) -> str:
     path = tempfile.mkdtemp(prefix='train_test_')
@@ -135,8 +153,8 @@ class TrainLoopTest(_TestCase):
     self.assertNotEmpty(glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*')))
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       records = [json.loads(line) for line in f]
-    self.assertEqual([r['step'] for r in records if 'train_bpd' in r], [1, 2, 3])
-    self.assertEqual(records[-1]['eval_bpd'], two.test_bpd)
+    self.assertEqual([r['step'] for r in records if 'train_bits_per_dim' in r], [1, 2, 3])
+    self.assertEqual(records[-1]['eval_bits_per_dim'], two.test_bpd)
     # Every variable (weights, batch-norm statistics, optimizer slots) is in sync on both replicas.
     model = two.model
     for v in (
@@ -153,7 +171,7 @@ class TrainLoopTest(_TestCase):
     halves = data_lib.make_train_dataset(config.data, 2, seed=config.seed, skip_batches=2).take(2)
     seed = train_lib.step_seed(config.seed, 1)
     nll = [
-      train_lib.per_example_nll(model, images, seed, replica, 4, training=True)
+      train_lib.negative_elbo(model, images, seed, replica, 4, training=True)
       for replica, images in enumerate(halves)
     ]
     self.assertAllClose(float(tf.reduce_sum(nll)) / 4, two.losses[1][1], rtol=1e-5)
@@ -218,6 +236,16 @@ class TrainLoopTest(_TestCase):
     for a, b in zip(stats(jit), stats(plain)):
       self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
 
+  def test_steps_per_loop_gives_the_weights_of_single_steps(self):
+    # Orbit's inner loop: 2 loops of 3 steps in one tf.function call each compute exactly the 6
+    # single steps (every step's seed, learning rate and guard come from the step variable).
+    single = train_lib.train(_config(steps=6), self._new_dir())
+    looped = train_lib.train(_config(steps=6, steps_per_loop=3), self._new_dir())
+    self.assertEqual(looped.step, 6)
+    self.assertAllClose(looped.losses, single.losses, rtol=1e-6)
+    for a, b in zip(_state(looped), _state(single)):
+      self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
+
   def test_recompute_grad_updates_batch_norm_statistics_once(self):
     model = dataclasses.replace(_micro_model(8), use_recompute_grad=True)
     recompute = train_lib.train(_config(steps=2, model=model), self._new_dir())
@@ -232,9 +260,8 @@ class TrainLoopTest(_TestCase):
     def snapshot(step, metrics, model):
       snapshots[step] = _values(model.trainable_variables + model.non_trainable_keras_variables)
 
-    result = train_lib.train(
-      _config(steps=3), self._new_dir(), nonfinite_at=[1], step_callback=snapshot
-    )
+    with _poisoned_loss_at(1):
+      result = train_lib.train(_config(steps=3), self._new_dir(), step_callback=snapshot)
     self.assertTrue(np.isnan(result.losses[1][1]))
     self.assertTrue(np.isfinite(result.losses[2][1]))
     self.assertEqual(result.nonfinite_steps, 1)
@@ -252,7 +279,8 @@ class TrainLoopTest(_TestCase):
     with self.assertRaisesRegex(
       train_lib.TrainingError, '2 consecutive steps skipped .*2 x non-finite loss'
     ):
-      train_lib.train(_config(optim=optim), self._new_dir(), nonfinite_at=[0, 1])
+      with _poisoned_loss_at(0, 1):
+        train_lib.train(_config(optim=optim), self._new_dir())
 
     # Non-finite weights are never written.
     workdir = self._new_dir()

@@ -57,6 +57,23 @@ class WorkdirTest(tf.test.TestCase, parameterized.TestCase):
     prefix = os.path.join(workdir_lib.checkpoint_dir(workdir), 'ckpt')
     return tf.train.Checkpoint(model=model, step=step).save(prefix)
 
+  def test_atomic_write_replaces_the_file_and_leaves_no_temporary(self):
+    path = os.path.join(self._dir(), 'sub', 'f.json')
+    self.assertEqual(workdir_lib.atomic_write(path, 'old'), path)
+    workdir_lib.atomic_write(path, b'new')
+    with open(path, 'rb') as f:
+      self.assertEqual(f.read(), b'new')
+    self.assertEqual(os.listdir(os.path.dirname(path)), ['f.json'])
+
+  def test_layout_names_every_file_of_a_run(self):
+    w = '/runs/x'
+    self.assertEqual(workdir_lib.checkpoint_dir(w), '/runs/x/checkpoints')
+    self.assertEqual(workdir_lib.tensorboard_dir(w), '/runs/x/tb')
+    self.assertEqual(workdir_lib.metrics_path(w), '/runs/x/metrics.jsonl')
+    self.assertEqual(workdir_lib.train_samples_path(w, 7), '/runs/x/samples_step7.png')
+    self.assertEqual(workdir_lib.sample_grid_path(w, 0.8, 3), '/runs/x/samples_t0.8_seed3.png')
+    self.assertEqual(workdir_lib.eval_result_path(w, 'test', 5), '/runs/x/eval_test_k5.json')
+
   def test_round_trip_restores_every_variable_and_stores_the_config(self):
     model = _model(_config())
     workdir = self._dir()

@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
-import numpy as np
+from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
+  build_phases,
+  count_flops,
+  device_info,
+  sgemm_gflop_s,
+)
 
 __all__ = ['OFFICIAL_GMAC_32', 'count_flops', 'define_bench_flags', 'format_table', 'run_benchmark']
 
@@ -64,24 +67,6 @@ def _make_config(
     coupling_dtype=coupling_dtype,
     use_recompute_grad=use_recompute_grad,
   )
-
-
-def count_flops(concrete_function) -> Optional[float]:
-  """Float operations of a traced function's graph (TF profiler), or None if unavailable."""
-  import tensorflow as tf
-
-  logger, level = tf.get_logger(), tf.get_logger().level
-  logger.setLevel('ERROR')  # the v1 profiler warns about its own deprecated internals
-  try:
-    builder = tf.compat.v1.profiler.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    return float(
-      tf.compat.v1.profiler.profile(concrete_function.graph, options=options).total_float_ops
-    )
-  except Exception:  # noqa: BLE001 -- the profiler is best effort; timing does not depend on it.
-    return None
-  finally:
-    logger.setLevel(level)
 
 
 def _fetch(outputs) -> None:
@@ -115,113 +100,6 @@ def _time_phase(call: Callable[[int], Any], warmup: int, steps: int) -> Dict[str
   result['step_s'] = statistics.median(times)
   result['step_s_all'] = times
   return result
-
-
-def sgemm_gflop_s(size: int = 2048, repeats: int = 10) -> float:
-  """Best-of-`repeats` GFLOP/s of a `size`^3 fp32 matmul in a `tf.function` (calibration)."""
-  import tensorflow as tf
-
-  a = tf.random.stateless_normal([size, size], seed=[0, 0])
-  matmul = tf.function(lambda x: tf.matmul(x, x), autograph=False)
-  matmul(a).numpy()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).numpy()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * size**3 / best / 1e9
-
-
-def _device_info() -> Dict[str, Any]:
-  import tensorflow as tf
-
-  gpus = tf.config.list_physical_devices('GPU')
-  info = {
-    'tensorflow': tf.__version__,
-    'python': platform.python_version(),
-    'machine': platform.machine(),
-    'cpu_count': os.cpu_count(),
-    'gpus': [],
-  }
-  for gpu in gpus:
-    details = tf.config.experimental.get_device_details(gpu)
-    info['gpus'].append(details.get('device_name', gpu.name))
-  return info
-
-
-def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int = 0):
-  """A fresh, initialised model of `config` and the three timed functions (untraced).
-
-  Returns a dict: `model`, `batches` (two random uint8 batches), `train` (called as
-  `train(iterator, one)`), `iterator`, `one`, `eval` (`eval(images, seed_of(i))`), `sample`
-  (`sample(seed_of(i))`), `seed_of`, `build_s`, `init_s`. Also used by
-  `benchmarks/profile_train_step.py`.
-  """
-  import tensorflow as tf
-
-  from tf_denseflow import train_lib
-  from tf_denseflow import train_step as train_step_lib
-  from tf_denseflow.model import DenseFlow
-  from tf_denseflow.optim import Adamax
-
-  rng = np.random.default_rng(seed)
-  shape = (batch_size,) + tuple(config.image_shape)
-  batches = [tf.constant(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)]
-
-  start = time.perf_counter()
-  model = DenseFlow(config, seed=seed)
-  build_s = time.perf_counter() - start
-  start = time.perf_counter()
-  model.initialize(batches[0])
-  init_s = time.perf_counter() - start
-  variables = model.trainable_variables
-  optimizer = Adamax(learning_rate=1e-3)
-  optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
-
-  # The training loop's own step (train_step.make_train_step) on the default strategy: noise
-  # drawn outside the (optionally XLA-compiled) loss-and-gradient function, batch-norm
-  # statistics recorded and assigned with the update, finiteness guard.
-  step = tf.Variable(0, dtype=tf.int64, trainable=False)
-  skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
-  train_step = train_step_lib.make_train_step(
-    tf.distribute.get_strategy(),
-    model,
-    optimizer,
-    variables,
-    lambda images, s, replica: train_lib.replica_noise(model, s, replica, batch_size, batch_size),
-    lambda images, noise: train_lib.nll_given_noise(model, images, noise, training=True),
-    batch_size,
-    step,
-    skipped,
-    seed_fn=lambda s: train_lib.step_seed(seed, s),
-    learning_rate_fn=lambda s: tf.constant(1e-3),
-    jit_compile=jit_compile,
-  )
-  iterator = iter(tf.data.Dataset.from_tensor_slices(tf.stack(batches)).repeat())
-  one = tf.constant(1.0)
-
-  eval_fn = tf.function(
-    lambda images, s: model.elbo(images, s), jit_compile=jit_compile, autograph=False
-  )
-  sample_fn = tf.function(
-    lambda s: model.sample(batch_size, s), jit_compile=jit_compile, autograph=False
-  )
-
-  def seed_of(i):
-    return tf.constant([seed, i], tf.int64)
-
-  return {
-    'model': model,
-    'batches': batches,
-    'train': train_step,
-    'iterator': iterator,
-    'one': one,
-    'eval': eval_fn,
-    'sample': sample_fn,
-    'seed_of': seed_of,
-    'build_s': build_s,
-    'init_s': init_s,
-  }
 
 
 def run_benchmark(
@@ -263,11 +141,11 @@ def run_benchmark(
   parts = build_phases(config, batch_size, jit_compile, seed)
   model, batches = parts['model'], parts['batches']
   train_step, eval_fn, sample_fn = parts['train'], parts['eval'], parts['sample']
-  iterator, one, seed_of = parts['iterator'], parts['one'], parts['seed_of']
+  iterator, seed_of = parts['iterator'], parts['seed_of']
   build_s, init_s = parts['build_s'], parts['init_s']
 
   phases = {
-    'train': _time_phase(lambda i: train_step(iterator, one), warmup, steps),
+    'train': _time_phase(lambda i: train_step(iterator), warmup, steps),
     'eval': _time_phase(lambda i: eval_fn(batches[i % 2], seed_of(i)), warmup, steps),
     'sample': _time_phase(lambda i: sample_fn(seed_of(i)), warmup, steps),
   }
@@ -308,7 +186,7 @@ def run_benchmark(
     'jit_compile': jit_compile,
     'build_s': build_s,
     'init_s': init_s,
-    'device': _device_info(),
+    'device': device_info(),
   }
   if tf.config.list_physical_devices('GPU'):
     peak = tf.config.experimental.get_memory_info('GPU:0')['peak']
@@ -420,11 +298,11 @@ def main(argv: List[str]) -> None:
   Bad flags end it with one `error: ...` line on stderr and exit status 2; a failed phase with
   exit status 1 after the table.
   """
-  from absl import flags, logging
+  from absl import flags
 
   from tf_denseflow import flags as flags_lib
 
-  logging.set_verbosity(logging.WARNING)
+  flags_lib.quiet_logs(flags.FLAGS)
   f = flags.FLAGS
   if len(argv) > 1:
     flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')

@@ -18,9 +18,30 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow as tf
 
-__all__ = ['check_float', 'check_images', 'check_int', 'check_seed', 'concrete_value']
+__all__ = [
+  'FLOAT32_MAX',
+  'FLOAT32_TINY',
+  'INT32_MAX',
+  'INT64_MAX',
+  'INT64_MIN',
+  'MAX_CPU_DEVICES',
+  'MAX_STEPS',
+  'check_float',
+  'check_images',
+  'check_int',
+  'check_seed',
+  'concrete_value',
+]
 
 Number = Union[int, float, np.number, np.ndarray, tf.Tensor]
+
+# Ranges of the numeric settings (configs and flags): the dtypes their values meet in the graphs.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STEPS = 2**31 - 1  # step counts and intervals (a run of 2e9 steps is far beyond any recipe)
+MAX_CPU_DEVICES = 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32 (epsilons)
 
 
 def concrete_value(value):

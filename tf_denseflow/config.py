@@ -12,34 +12,22 @@ from typing import Tuple
 import numpy as np
 
 from tf_denseflow.checks import check_int
+from tf_denseflow.config_flags import field_kind, hparam
 
-__all__ = ['DenseFlowConfig']
+__all__ = [
+  'ATTENTION_TOKENS',
+  'COUPLING_DTYPES',
+  'DEQUANTIZATIONS',
+  'PRESETS',
+  'SQUEEZE_ORDERS',
+  'DenseFlowConfig',
+]
 
-_DEQUANTIZATIONS = ('variational', 'uniform')
-_SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
-_ATTENTION_TOKENS = ('official', 'pixel')
-_COUPLING_DTYPES = ('float32', 'bfloat16')
-# Integer fields: (name, minimum, maximum); `None` is unbounded.
-_INT_FIELDS = (
-  ('num_bits', 1, 8),
-  ('growth_rate', 0, None),
-  ('dense_depth', 1, None),
-  ('dense_growth', 1, None),
-  ('attention_landmarks', 1, None),
-  ('dequant_steps', 1, None),
-  ('dequant_context_channels', 1, None),
-  ('dequant_mid_channels', 1, None),
-  ('dequant_depth', 1, None),
-  ('dequant_growth', 1, None),
-  ('dequant_context_depth', 1, None),
-  ('dequant_context_growth', 1, None),
-)
-_BOOL_FIELDS = (
-  'use_attention',
-  'use_cross_unit_coupling',
-  'cross_unit_include_previous',
-  'use_recompute_grad',
-)
+PRESETS = ('denseflow_74_10', 'small', 'tiny')  # the DenseFlowConfig classmethods of that name
+DEQUANTIZATIONS = ('variational', 'uniform')
+SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
+ATTENTION_TOKENS = ('official', 'pixel')
+COUPLING_DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,30 +75,95 @@ class DenseFlowConfig:
       checkpointing) to save memory.
   """
 
+  # Every field but image_shape is also a flag of `python -m tf_denseflow.train` (config_flags):
+  # `hparam` holds its help text and bounds (an int without `maximum` is unbounded here and
+  # bounded by INT32_MAX as a flag).
   image_shape: Tuple[int, int, int] = (32, 32, 3)
-  num_bits: int = 8
-  units_per_block: Tuple[int, ...] = (6, 4, 1)
-  steps_per_unit: Tuple[int, ...] = (5, 6, 20)
-  coupling_channels: Tuple[int, ...] = (48, 48, 48)
-  growth_rate: int = 10
-  dense_depth: int = 7
-  dense_growth: int = 64
-  attention_landmarks: int = 4
-  use_attention: bool = True
-  attention_tokens: str = 'official'
-  use_cross_unit_coupling: bool = True
-  cross_unit_include_previous: bool = False
-  squeeze_order: str = 'channel_major'
-  dequantization: str = 'variational'
-  dequant_steps: int = 4
-  dequant_context_channels: int = 64
-  dequant_mid_channels: int = 64
-  dequant_depth: int = 4
-  dequant_growth: int = 64
-  dequant_context_depth: int = 4
-  dequant_context_growth: int = 16
-  coupling_dtype: str = 'float32'
-  use_recompute_grad: bool = False
+  num_bits: int = hparam(
+    8,
+    'Bits per sub-pixel the model sees (Glow n_bits_x): the uint8 inputs keep their num_bits '
+    'high bits; 8 = the images as they are.',
+    minimum=1,
+    maximum=8,
+  )
+  units_per_block: Tuple[int, ...] = hparam(
+    (6, 4, 1), 'Units per dense block (paper: 6,4,1); its length is the number of blocks.'
+  )
+  steps_per_unit: Tuple[int, ...] = hparam(
+    (5, 6, 20), 'Glow steps per unit, per block (paper: 5,6,20).'
+  )
+  coupling_channels: Tuple[int, ...] = hparam(
+    (48, 48, 48), 'Width of the coupling networks, per block (paper: 48).'
+  )
+  growth_rate: int = hparam(
+    10, 'Growth rate k: noise channels added per unit (paper: 10).', minimum=0
+  )
+  dense_depth: int = hparam(
+    7, 'Conv layers in the dense block of each coupling network (official: 7).', minimum=1
+  )
+  dense_growth: int = hparam(
+    64, 'Channels each dense layer of a coupling network adds (official: 64).', minimum=1
+  )
+  attention_landmarks: int = hparam(
+    4, 'Nystrom landmarks m of the coupling networks attention (official: 4).', minimum=1
+  )
+  use_attention: bool = hparam(
+    True, 'Include the Nystrom self-attention branch in the coupling networks.'
+  )
+  attention_tokens: str = hparam(
+    'official',
+    'official: the raw reshape of the official NCHW buffer (tokens are not pixels); pixel: one '
+    'token per pixel.',
+    choices=ATTENTION_TOKENS,
+  )
+  use_cross_unit_coupling: bool = hparam(
+    True,
+    'Condition the augmentation noise on earlier latents (False: unconditional N(0, I) noise).',
+  )
+  cross_unit_include_previous: bool = hparam(
+    False,
+    'Also feed the immediately preceding unit output to the cross-unit coupling (paper text); '
+    'False = official code.',
+  )
+  squeeze_order: str = hparam(
+    'channel_major',
+    'Channel order of the 2x2 squeeze: channel_major (official) or space_to_depth (TF).',
+    choices=SQUEEZE_ORDERS,
+  )
+  dequantization: str = hparam(
+    'variational',
+    'Dequantization: variational (the official conditional flow) or uniform.',
+    choices=DEQUANTIZATIONS,
+  )
+  dequant_steps: int = hparam(
+    4, 'Coupling steps of the variational dequantization flow.', minimum=1
+  )
+  dequant_context_channels: int = hparam(
+    64, 'Context feature channels of the variational dequantization.', minimum=1
+  )
+  dequant_mid_channels: int = hparam(
+    64, 'Coupling network width of the variational dequantization.', minimum=1
+  )
+  dequant_depth: int = hparam(
+    4, 'Dense layers per coupling network of the variational dequantization.', minimum=1
+  )
+  dequant_growth: int = hparam(64, 'Growth of those dense layers.', minimum=1)
+  dequant_context_depth: int = hparam(
+    4,
+    'Dense layers per context-network dense block of the variational dequantization.',
+    minimum=1,
+  )
+  dequant_context_growth: int = hparam(16, 'Growth of the context-network dense layers.', minimum=1)
+  coupling_dtype: str = hparam(
+    'float32',
+    'Compute dtype of the coupling networks; the bijector math stays float32.',
+    choices=COUPLING_DTYPES,
+  )
+  use_recompute_grad: bool = hparam(
+    False,
+    'Gradient checkpointing of the coupling networks (recompute activations in the backward '
+    'pass): less memory, about one more forward pass of compute.',
+  )
 
   def __post_init__(self):
     # Normalise every number to a Python int (frozen: use object.__setattr__), refusing floats
@@ -147,12 +200,8 @@ class DenseFlowConfig:
         f'`image_shape` {self.image_shape}: height and width must be divisible by {factor} '
         f'(one 2x2 squeeze per block, {n} blocks).'
       )
-    for name, value, choices in (
-      ('dequantization', self.dequantization, _DEQUANTIZATIONS),
-      ('squeeze_order', self.squeeze_order, _SQUEEZE_ORDERS),
-      ('attention_tokens', self.attention_tokens, _ATTENTION_TOKENS),
-      ('coupling_dtype', self.coupling_dtype, _COUPLING_DTYPES),
-    ):
+    for name, choices in _ENUM_FIELDS:
+      value = getattr(self, name)
       if value not in choices:
         raise ValueError(f'`{name}` must be one of {choices}, got {value!r}.')
     if self.use_attention:
@@ -263,3 +312,16 @@ class DenseFlowConfig:
   def bits_per_dim_scale(self) -> float:
     """Multiply a negative log-likelihood in nats by this to get bits/dim."""
     return 1.0 / (self.num_dims * math.log(2.0))
+
+
+def _fields_of_kind(kind: str) -> list:
+  return [f for f in dataclasses.fields(DenseFlowConfig) if field_kind(DenseFlowConfig, f) == kind]
+
+
+# The checks of `__post_init__`, from the field declarations: (name, minimum, maximum) of the ints
+# (`None`: unbounded), the bools, and (name, choices) of the strings.
+_INT_FIELDS = tuple(
+  (f.name, f.metadata['minimum'], f.metadata['maximum']) for f in _fields_of_kind('integer')
+)
+_BOOL_FIELDS = tuple(f.name for f in _fields_of_kind('bool'))
+_ENUM_FIELDS = tuple((f.name, f.metadata['choices']) for f in _fields_of_kind('enum'))

@@ -32,8 +32,10 @@ from absl import app, flags, logging
 
 from tf_denseflow import checks, workdir
 from tf_denseflow import flags as flags_lib
+from tf_denseflow.checks import INT32_MAX, INT64_MAX
+from tf_denseflow.flags import define_convert_flags
 from tf_denseflow.model import DenseFlow
-from tf_denseflow.torch_config import PRESETS, check_preset, config_from_state_dict, preset_config
+from tf_denseflow.torch_config import check_preset, config_from_state_dict, preset_config
 from tf_denseflow.torch_keys import ConversionError, load_state_dict, official_key_map
 from tf_denseflow.torch_reader import read_state_dict
 
@@ -41,15 +43,13 @@ __all__ = [
   'ConversionError',  # re-exported from torch_keys
   'config_from_state_dict',  # re-exported from torch_config
   'convert_checkpoint',
-  'define_convert_flags',
+  'define_convert_flags',  # re-exported from tf_denseflow.flags (where every flag is defined)
   'load_state_dict',  # re-exported from torch_keys
   'main',
   'official_key_map',  # re-exported from torch_keys
   'read_state_dict',  # re-exported from torch_reader
   'run',
 ]
-
-_INT32_MAX, _INT64_MAX = flags_lib.INT32_MAX, flags_lib.INT64_MAX
 
 FLAGS = flags.FLAGS
 
@@ -86,8 +86,8 @@ def convert_checkpoint(
   if not overwrite and os.path.exists(os.path.join(out, workdir.CONFIG_FILE)):
     raise ConversionError(f'{out} already holds a model; pass --overwrite or choose another --out.')
   sizes = [image_size] * 2 if np.ndim(image_size) == 0 else list(image_size)
-  hw = tuple(checks.check_int('image_size', v, 1, _INT32_MAX) for v in sizes)
-  step = checks.check_int('step', 0 if step is None else step, 0, _INT64_MAX)
+  hw = tuple(checks.check_int('image_size', v, 1, INT32_MAX) for v in sizes)
+  step = checks.check_int('step', 0 if step is None else step, 0, INT64_MAX)
   state, info = read_state_dict(checkpoint)
   log(
     f'Read {len(state)} arrays from {checkpoint}'
@@ -109,32 +109,6 @@ def convert_checkpoint(
   path = workdir.write_model_checkpoint(out, model, step=step)
   log(f'Wrote {path}')
   return path
-
-
-def define_convert_flags() -> None:
-  """Defines this entry point's flags (called only from `run`, never on import)."""
-  define = flags_lib.define  # leaves a flag another program defined (tests) as it is
-  define(flags.DEFINE_string, 'checkpoint', None, 'Official checkpoint: .pt (needs torch) or .npz.')
-  define(flags.DEFINE_string, 'out', None, 'Workdir to write (model_config.json + checkpoints/).')
-  define(
-    flags.DEFINE_integer,
-    'image_size',
-    None,
-    'Image height = width in pixels (32 or 64 officially).',
-    lower_bound=1,
-    upper_bound=_INT32_MAX,
-  )
-  define(flags.DEFINE_enum, 'preset', None, list(PRESETS), 'Require (and complete) this preset.')
-  define(
-    flags.DEFINE_integer,
-    'step',
-    0,
-    'Global step recorded in the checkpoint.',
-    lower_bound=0,
-    upper_bound=_INT64_MAX,
-  )
-  define(flags.DEFINE_bool, 'strict', True, 'Refuse state_dict keys without a variable here.')
-  define(flags.DEFINE_bool, 'overwrite', False, 'Allow --out to hold a model already.')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -1,17 +1,21 @@
 r"""Test bits/dim of a trained run: the importance-weighted bound (IWBO) with K samples.
 
 ```
-python -m tf_denseflow.evaluate --workdir=runs/cifar10 --num_samples=1000 --chunk_size=50
-python -m tf_denseflow.evaluate --workdir=runs/default --num_samples=8 --max_examples=500
+python -m tf_denseflow.evaluate --workdir=runs/cifar10 --num_importance_samples=1000 --chunk_size=50
+python -m tf_denseflow.evaluate --workdir=runs/default --num_importance_samples=8 --max_examples=500
 ```
 The protocol of the official `eval_loglik.py` (denseflow_spec.md section 5): batches of
 `--batch_size` test images (64), each tiled `--chunk_size` times per pass with fresh
 dequantization and augmentation noise per copy, `log p(x) ~ logsumexp_j log p_j(x) - log K`, batch
-norm in evaluation mode; bits/dim = `-sum IWBO / (N * D * ln 2)`. `--num_samples=1` gives the
-single-sample ELBO. The dataset is the run's (`WORKDIR/train_config.json`); `--data_dir`
+norm in evaluation mode; bits/dim = `-sum IWBO / (N * D * ln 2)`. `--num_importance_samples=1`
+gives the single-sample ELBO, with the noise of the training run's evaluation (batch k's seed is
+`seeds.step_seed(seed, k, EVAL_STREAM)`), so with the run's `--seed` and `--batch_size` equal to
+its `--eval_batch_size` it reproduces the run's test bits/dim of that checkpoint. (Before the
+one registry of seed streams, evaluate drew from stream 5: its numbers then differed from
+training's by the noise.) The dataset is the run's (`WORKDIR/train_config.json`); `--data_dir`
 overrides where it is read from, and `--dataset` (with `--image_size`) names one for workdirs
 without a train config (e.g. from `tf_denseflow.convert_torch`). The result is printed and written
-to `WORKDIR/eval_<split>_k<K>.json` (or `--output`). Runs on one device.
+to `WORKDIR/eval_<split>_k<K>.json` (or `--output`; the `workdir.py` layout). Runs on one device.
 """
 
 from __future__ import annotations
@@ -19,14 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
 from absl import app, flags
 
-from tf_denseflow import checks, train_lib
+from tf_denseflow import checks, seeds, train_lib
 from tf_denseflow import data as data_lib
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import workdir as workdir_lib
@@ -34,7 +37,6 @@ from tf_denseflow import workdir as workdir_lib
 __all__ = ['evaluate_workdir', 'main', 'workdir_data_config']
 
 FLAGS = flags.FLAGS
-_EVAL_STREAM = 5
 
 
 def workdir_data_config(
@@ -60,7 +62,7 @@ def workdir_data_config(
 
 def evaluate_workdir(
   workdir: str,
-  num_samples: int,
+  num_importance_samples: int,
   *,
   batch_size: int = 64,
   chunk_size: int = 50,
@@ -76,7 +78,7 @@ def evaluate_workdir(
 
   Args:
     workdir: the run directory.
-    num_samples: importance samples K (1: the ELBO).
+    num_importance_samples: importance samples K (1: the ELBO).
     batch_size: images per batch (the last batch is padded, padding is masked out).
     chunk_size: draws evaluated together (the batch is tiled this many times).
     max_examples: evaluate only the first examples of the split.
@@ -88,7 +90,8 @@ def evaluate_workdir(
     progress_bar: show a tqdm bar over the batches.
 
   Returns:
-    The JSON record: `bits_per_dim`, `nats_per_image`, `num_examples`, `num_samples`, `step`,
+    The JSON record: `bits_per_dim`, `nats_per_image`, `num_examples`, `num_importance_samples`,
+    `step`,
     `checkpoint`, `dataset`, `split`, `seconds`, ...
 
   Raises:
@@ -98,7 +101,9 @@ def evaluate_workdir(
     OSError: the result cannot be written.
     workdir.CheckpointError: the checkpoint does not fit the workdir's model (a ValueError).
   """
-  num_samples = checks.check_int('num_samples', num_samples, 1, flags_lib.INT32_MAX)
+  num_samples = checks.check_int(
+    'num_importance_samples', num_importance_samples, 1, flags_lib.INT32_MAX
+  )
   batch_size = checks.check_int('batch_size', batch_size, 1, flags_lib.INT32_MAX)
   chunk_size = checks.check_int('chunk_size', chunk_size, 1, flags_lib.INT32_MAX)
   if max_examples is not None:
@@ -131,7 +136,6 @@ def evaluate_workdir(
       return model.elbo(images, seed, training=False)
     return model.log_prob_bound(images, num_samples, seed, chunk_size=chunk_size)
 
-  base_seed = tf.constant([seed, _EVAL_STREAM], tf.int64)
   total, seen = 0.0, 0.0
   start = time.time()
   batches = enumerate(dataset)
@@ -140,7 +144,7 @@ def evaluate_workdir(
 
     batches = tqdm(batches, total=num_batches, unit='batch', dynamic_ncols=True)
   for index, (images, weights) in batches:
-    log_p = bound(images, tf.random.experimental.stateless_fold_in(base_seed, index))
+    log_p = bound(images, seeds.step_seed(seed, index, seeds.EVAL_STREAM))
     total += float(tf.reduce_sum(log_p * weights))
     seen += float(tf.reduce_sum(weights))
     if progress_bar:
@@ -155,7 +159,7 @@ def evaluate_workdir(
     'bits_per_dim': nats * model.config.bits_per_dim_scale,
     'nats_per_image': nats,
     'bound': 'elbo' if num_samples == 1 else 'iwbo',
-    'num_samples': num_samples,
+    'num_importance_samples': num_samples,
     'chunk_size': chunk_size,
     'batch_size': batch_size,
     'num_examples': int(seen),
@@ -167,14 +171,9 @@ def evaluate_workdir(
     'seed': seed,
     'seconds': round(time.time() - start, 3),
   }
-  output = output or os.path.join(workdir, f'eval_{split}_k{num_samples}.json')
-  directory = os.path.dirname(output)
+  output = output or workdir_lib.eval_result_path(workdir, split, num_samples)
   try:
-    if directory:
-      tf.io.gfile.makedirs(directory)
-    with tf.io.gfile.GFile(output + '.tmp', 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
-    tf.io.gfile.rename(output + '.tmp', output, overwrite=True)
+    workdir_lib.atomic_write(output, json.dumps(record, indent=2, sort_keys=True, allow_nan=False))
   except (tf.errors.OpError, OSError) as e:
     message = getattr(e, 'message', None) or e
     raise OSError(f'cannot write the result to {output}: {message}') from None
@@ -183,10 +182,7 @@ def evaluate_workdir(
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS.workdir:
-    flags_lib.fail('--workdir is required.')
+  flags_lib.start_main(argv, FLAGS)
   try:
     dataset = FLAGS.dataset if flags_lib.explicitly_set(FLAGS, 'dataset') else None
     data_config = workdir_data_config(FLAGS.workdir, dataset, FLAGS.data_dir)
@@ -194,7 +190,7 @@ def main(argv: Sequence[str]) -> None:
       data_config = dataclasses.replace(data_config, image_size=FLAGS.image_size)
     record = evaluate_workdir(
       FLAGS.workdir,
-      FLAGS.num_samples,
+      FLAGS.num_importance_samples,
       batch_size=FLAGS.batch_size,
       chunk_size=FLAGS.chunk_size,
       max_examples=FLAGS.max_examples,
@@ -213,7 +209,7 @@ def main(argv: Sequence[str]) -> None:
     flags_lib.fail(f'cannot read the data: {e.message}')
   print(
     f'{FLAGS.split} bits/dim: {record["bits_per_dim"]:.4f} ({record["bound"]}, '
-    f'K={record["num_samples"]}, {record["num_examples"]} examples, step {record["step"]})'
+    f'K={record["num_importance_samples"]}, {record["num_examples"]} examples, step {record["step"]})'
   )
   print(f'result: {record["output"]}')
 

@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from tf_denseflow import checks
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import workdir as workdir_lib
+from tf_denseflow.flags import define_export_flags
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.serving import DenseFlowServingModule, content_seeds, serving_variables
 
@@ -35,7 +36,7 @@ __all__ = [
   'DenseFlowServingModule',  # re-exported from tf_denseflow.serving
   'METADATA_FILE',
   'content_seeds',  # re-exported from tf_denseflow.serving
-  'define_export_flags',
+  'define_export_flags',  # re-exported from tf_denseflow.flags (where every flag is defined)
   'export_saved_model',
   'main',
   'next_version',
@@ -44,7 +45,6 @@ __all__ = [
 
 METADATA_FILE = os.path.join('assets.extra', 'denseflow.json')
 _VERSION_RE = re.compile(r'^\d+$')
-_INT64_MAX = 2**63 - 1
 
 FLAGS = flags.FLAGS
 
@@ -64,7 +64,7 @@ def next_version(export_dir: str) -> int:
 
 
 def _check_new_version(export_dir: str, version: int) -> int:
-  version = checks.check_int('version', version, 0, _INT64_MAX)
+  version = checks.check_int('version', version, 0, checks.INT64_MAX)
   path = os.path.join(export_dir, str(version))
   if tf.io.gfile.exists(path):
     raise FileExistsError(f'{path!r} exists; versions are never overwritten.')
@@ -159,56 +159,6 @@ def _rename_into_place(tmp: str, export_dir: str, version: Optional[int]) -> str
 
 # -------------------------------------------------------------------------------------------------
 # Command line.
-
-
-def define_export_flags() -> None:
-  """Defines this program's flags; called by `run` only (importing the module defines none).
-
-  Shared flags (`--workdir`, `--checkpoint`) keep an existing definition, as in `flags.py`.
-  """
-  define = flags_lib.define  # leaves a flag another program defined (tests) as it is
-  define(
-    flags.DEFINE_string,
-    'workdir',
-    None,
-    'Training run directory (model_config.json, checkpoints/).',
-  )
-  define(
-    flags.DEFINE_string,
-    'export_dir',
-    None,
-    'Model base path: versions are written as EXPORT_DIR/N.',
-  )
-  define(
-    flags.DEFINE_integer,
-    'version',
-    None,
-    'Version number; default: one more than the largest existing version (1 if none).',
-    lower_bound=0,
-    upper_bound=_INT64_MAX,
-  )
-  define(
-    flags.DEFINE_string,
-    'checkpoint',
-    None,
-    'Checkpoint prefix (default: the latest in WORKDIR/checkpoints).',
-  )
-  define(
-    flags.DEFINE_integer,
-    'max_num_samples',
-    4096,
-    'Most draws one row of log_prob_bound may request.',
-    lower_bound=1,
-    upper_bound=flags_lib.INT32_MAX,
-  )
-  define(
-    flags.DEFINE_integer,
-    'max_rows_per_step',
-    64,
-    'log_prob_bound evaluates about this many (image, draw) pairs per loop step.',
-    lower_bound=1,
-    upper_bound=flags_lib.INT32_MAX,
-  )
 
 
 def main(argv: Sequence[str]) -> None:

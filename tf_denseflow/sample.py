@@ -11,7 +11,6 @@ same grid. Prints the PNG path (default `WORKDIR/samples_t<T>_seed<S>.png`).
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import tensorflow as tf
@@ -64,7 +63,7 @@ def sample_grid(
   model, _ = workdir_lib.restore_model(workdir, checkpoint)
   draw = tf.function(lambda s: model.sample(num, s, temperature), autograph=False)
   images = draw(tf.constant([seed, 0], tf.int64)).numpy()
-  out = out or os.path.join(workdir, f'samples_t{temperature:g}_seed{seed}.png')
+  out = out or workdir_lib.sample_grid_path(workdir, temperature, seed)
   grid = summaries.image_grid(images, columns)
   try:
     return summaries.save_png(grid, out)
@@ -73,10 +72,7 @@ def sample_grid(
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS.workdir:
-    flags_lib.fail('--workdir is required.')
+  flags_lib.start_main(argv, FLAGS)
   try:
     path = sample_grid(
       FLAGS.workdir,

@@ -8,8 +8,8 @@ the same in TensorBoard and need no extra dependency.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Mapping, Optional
 
 import numpy as np
@@ -17,6 +17,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from tf_denseflow import checks
+from tf_denseflow import workdir as workdir_lib
 
 __all__ = ['image_grid', 'save_png', 'write_image_grid', 'write_scalars']
 
@@ -70,14 +71,9 @@ def save_png(image: np.ndarray, path: str) -> str:
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  directory = os.path.dirname(path)
-  if directory:
-    tf.io.gfile.makedirs(directory)
-  tmp = f'{path}.tmp'
-  with tf.io.gfile.GFile(tmp, 'wb') as f:
-    Image.fromarray(image).save(f, format='PNG')
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format='PNG')
+  return workdir_lib.atomic_write(path, png.getvalue())
 
 
 def _metadata(plugin_name: str, data_class: int) -> bytes:

@@ -16,12 +16,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from tf_denseflow.config import DenseFlowConfig
+from tf_denseflow.config import PRESETS, DenseFlowConfig
 from tf_denseflow.torch_keys import ConversionError, preview_keys
 
 __all__ = ['PRESETS', 'check_preset', 'config_from_state_dict', 'preset_config']
 
-PRESETS = ('denseflow_74_10', 'small', 'tiny')
 # Config fields a state_dict cannot tell (no parameters carry them): taken from the defaults, a
 # preset or the caller's overrides.
 _NOT_INFERABLE = (

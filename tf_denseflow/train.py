@@ -10,7 +10,11 @@ given after `--flagfile` override it. Without `--flagfile` and without `--datase
 embedded default `configs/default.cfg` (next to the package) is read first, so the command above
 trains the small model on the embedded photo patches, not the 130M-parameter CIFAR-10 model that
 the flag defaults describe. Rerunning a command on the same `--workdir` resumes from its latest
-checkpoint. The flags are in `tf_denseflow/flags.py`, the loop in `tf_denseflow/train_lib.py`.
+checkpoint. The flags are in `tf_denseflow/flags.py`; the run is `train_lib.train` (set-up),
+`train_loop.run` (the cadence) and `trainer.Trainer` (model, optimizer, compiled steps). With
+`--export`/`--export_dir` this program exports the final checkpoint after training. Library INFO
+logs are hidden unless `--verbosity` (`-v`) is given; `TF_CPP_MIN_LOG_LEVEL=2` (set by
+`make demo`) also hides TensorFlow's C++ notices.
 
 Exit codes: 0 done; 1 training failed (non-finite steps, missing data); 2 bad flags (one line on
 stderr: `error: ...`); 130 interrupted (Ctrl-C; a checkpoint is saved); 143 stopped by SIGTERM
@@ -69,17 +73,12 @@ def _parse(argv: List[str]) -> List[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS.workdir:
-    flags_lib.fail('--workdir is required (the run directory: checkpoints, logs, samples).')
-  import logging as std_logging
-
+  flags_lib.start_main(
+    argv, FLAGS, '--workdir is required (the run directory: checkpoints, logs, samples).'
+  )
   from tf_denseflow import data as data_lib
   from tf_denseflow import train_lib
   from tf_denseflow import workdir as workdir_lib
-
-  std_logging.getLogger('tensorflow').setLevel(std_logging.WARNING)
 
   try:
     # Before any TensorFlow op runs: logical devices cannot change afterwards.
@@ -100,13 +99,34 @@ def main(argv: Sequence[str]) -> None:
     print(f'stopped by {result.stopped_by} at step {result.step}')
     print(f'checkpoint: {result.checkpoint}')
     sys.exit(143)
+  exported = _export(FLAGS.workdir, config.export_dir) if config.export_dir else None
   if result.test_bpd is not None:
     print(f'test bits/dim: {result.test_bpd:.4f} (single-sample ELBO, step {result.step})')
   print(f'checkpoint: {result.checkpoint}')
   if result.samples:
     print(f'samples: {result.samples}')
-  if result.export:
-    print(f'export: {result.export}')
+  if exported:
+    print(f'export: {exported}')
+
+
+def _export(workdir: str, export_dir: str) -> str:
+  """Exports the workdir's latest checkpoint (restored outside the strategy) as a SavedModel.
+
+  An export that cannot start (`tf_denseflow.export` not importable) fails with exit code 1: the
+  checkpoint is saved and can be exported later.
+  """
+  from tf_denseflow import workdir as workdir_lib
+
+  try:
+    from tf_denseflow import export as export_lib
+  except ImportError as e:
+    flags_lib.fail(
+      f'--export_dir is set but tf_denseflow.export cannot be imported ({e}); the checkpoint is '
+      'saved, export it later with python -m tf_denseflow.export.',
+      code=1,
+    )
+  model, step = workdir_lib.restore_model(workdir)
+  return export_lib.export_saved_model(model, export_dir, step=step)
 
 
 def run() -> None:

@@ -15,12 +15,25 @@ from typing import Dict, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from tf_denseflow import checks
 from tf_denseflow import data as data_lib
-from tf_denseflow import flags as flags_lib
+from tf_denseflow.checks import (
+  FLOAT32_TINY,
+  INT64_MAX,
+  INT64_MIN,
+  MAX_CPU_DEVICES,
+  MAX_STEPS,
+)
 from tf_denseflow.config import DenseFlowConfig
+from tf_denseflow.config_flags import check_fields, hparam, values_from_flags
+from tf_denseflow.workdir import (  # noqa: F401 -- re-exported: the run directory's file names
+  METRICS_FILE,
+  TB_SUBDIR,
+  TRAIN_CONFIG_FILE,
+)
 
 __all__ = [
+  'LR_SCHEDULES',
+  'NOISE_SEEDINGS',
   'ConfigError',
   'METRICS_FILE',
   'OptimConfig',
@@ -34,9 +47,9 @@ __all__ = [
   'model_config_from_flags',
 ]
 
-TRAIN_CONFIG_FILE = 'train_config.json'
-METRICS_FILE = 'metrics.jsonl'
-TB_SUBDIR = 'tb'
+
+LR_SCHEDULES = ('constant', 'exponential')
+NOISE_SEEDINGS = ('global_batch', 'per_replica')
 
 
 class ConfigError(ValueError):
@@ -49,22 +62,6 @@ class TrainingError(RuntimeError):
 
 # -------------------------------------------------------------------------------------------------
 # Configs.
-
-
-def _check_int(flag: str, value, minimum: int, maximum: int) -> None:
-  try:
-    checks.check_int(f'--{flag}', value, minimum, maximum)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e)) from None
-
-
-def _check_float(flag: str, value, minimum: float, exclusive_minimum=False, maximum=None) -> None:
-  try:
-    checks.check_float(
-      f'--{flag}', value, minimum, exclusive_minimum, maximum or flags_lib.FLOAT32_MAX
-    )
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,35 +82,77 @@ class OptimConfig:
     max_consecutive_nonfinite: stop after this many skipped (non-finite) steps in a row.
   """
 
-  global_batch_size: int = 64
-  learning_rate: float = 1e-3
-  adamax_epsilon: float = 1e-8
-  warmup_steps: int = 5000
-  lr_schedule: str = 'constant'
-  lr_decay_gamma: float = 0.9975
-  steps_per_epoch: Optional[int] = None
-  train_steps: int = 312_800
-  finetune_lr: float = 2e-5
-  finetune_steps: int = 15_640
-  max_consecutive_nonfinite: int = 10
+  # Every field is also a flag of `python -m tf_denseflow.train` (config_flags); `hparam` holds
+  # its help text and bounds, which `__post_init__` checks too. Learning rates and epsilon meet
+  # the weights in float32 (the fused Adamax kernel): they must be finite there, and epsilon a
+  # normal float32 (0 gives 0/0 on a zero gradient entry).
+  global_batch_size: int = hparam(
+    64,
+    'Images per step over all replicas; must be divisible by the number of replicas.',
+    minimum=1,
+  )
+  learning_rate: float = hparam(
+    1e-3, 'Adamax learning rate after warm-up.', minimum=0.0, exclusive_minimum=True
+  )
+  adamax_epsilon: float = hparam(
+    1e-8,
+    'Adamax epsilon (PyTorch default 1e-8; Keras default 1e-7); at least the smallest normal '
+    'float32 (1.2e-38): with 0, a zero gradient entry divides 0 by 0.',
+    minimum=FLOAT32_TINY,
+  )
+  warmup_steps: int = hparam(
+    5000,
+    'Linear learning-rate warm-up, in steps: lr * min(1, (step + 1) / warmup_steps).',
+    minimum=0,
+    maximum=MAX_STEPS,
+  )
+  lr_schedule: str = hparam(
+    'constant',
+    'After warm-up: constant (what the official code effectively runs) or exponential '
+    '(lr * lr_decay_gamma ** epoch, what the paper describes).',
+    choices=LR_SCHEDULES,
+  )
+  lr_decay_gamma: float = hparam(
+    0.9975,
+    'Per-epoch decay factor of --lr_schedule=exponential (official: 0.9975 CIFAR-10, 0.95 others).',
+    minimum=0.0,
+    exclusive_minimum=True,
+    maximum=1.0,
+  )
+  steps_per_epoch: Optional[int] = hparam(
+    None,
+    'Steps per epoch for the exponential decay (default: ceil(train examples / '
+    'global_batch_size)).',
+    minimum=1,
+    maximum=MAX_STEPS,
+  )
+  train_steps: int = hparam(
+    312_800,
+    'Steps of the main stage (CIFAR-10: 400 epochs of 782 steps).',
+    minimum=0,
+    maximum=MAX_STEPS,
+  )
+  finetune_lr: float = hparam(
+    2e-5,
+    'Constant learning rate of the fine-tune stage that follows the main stage.',
+    minimum=0.0,
+    exclusive_minimum=True,
+  )
+  finetune_steps: int = hparam(
+    15_640,
+    'Steps of the fine-tune stage (CIFAR-10: 20 epochs); 0 = none.',
+    minimum=0,
+    maximum=MAX_STEPS,
+  )
+  max_consecutive_nonfinite: int = hparam(
+    10,
+    'Stop the run after this many steps in a row with a NaN/Inf loss or gradient (each such '
+    'step is skipped: no update).',
+    minimum=1,
+  )
 
   def __post_init__(self):
-    if self.lr_schedule not in flags_lib.LR_SCHEDULES:
-      raise ConfigError(
-        f'--lr_schedule must be one of {flags_lib.LR_SCHEDULES}, got {self.lr_schedule!r}.'
-      )
-    _check_int('global_batch_size', self.global_batch_size, 1, flags_lib.INT32_MAX)
-    # Learning rates and epsilon meet the weights in float32 (the fused Adamax kernel): they
-    # must be finite there, and epsilon a normal float32 (0 gives 0/0 on a zero gradient entry).
-    _check_float('learning_rate', self.learning_rate, 0.0, exclusive_minimum=True)
-    _check_float('finetune_lr', self.finetune_lr, 0.0, exclusive_minimum=True)
-    _check_float('adamax_epsilon', self.adamax_epsilon, flags_lib.FLOAT32_TINY)
-    _check_float('lr_decay_gamma', self.lr_decay_gamma, 0.0, exclusive_minimum=True, maximum=1.0)
-    for name in ('warmup_steps', 'train_steps', 'finetune_steps'):
-      _check_int(name, getattr(self, name), 0, flags_lib.MAX_STEPS)
-    if self.steps_per_epoch is not None:
-      _check_int('steps_per_epoch', self.steps_per_epoch, 1, flags_lib.MAX_STEPS)
-    _check_int('max_consecutive_nonfinite', self.max_consecutive_nonfinite, 1, flags_lib.INT32_MAX)
+    check_fields(self, ConfigError)
 
   @property
   def total_steps(self) -> int:
@@ -152,42 +191,90 @@ class TrainConfig:
   model: DenseFlowConfig = dataclasses.field(default_factory=DenseFlowConfig)
   data: data_lib.DataConfig = dataclasses.field(default_factory=data_lib.DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-  seed: int = 0
-  noise_seeding: str = 'global_batch'
-  jit_compile: bool = False
-  steps_per_loop: int = 1
-  num_cpu_devices: int = 0
-  checkpoint_every: int = 2000
-  keep_checkpoints: int = 3
-  eval_every: int = 7820
-  eval_examples: Optional[int] = None
-  eval_batch_size: Optional[int] = None
-  log_every: int = 100
-  sample_every: int = 7820
-  num_grid_samples: int = 64
-  sample_temperature: float = 1.0
-  export_dir: Optional[str] = None
-  progress_bar: bool = True
+  # Every field but model, data and optim is also a flag of `python -m tf_denseflow.train`
+  # (config_flags; `--seed` is shared with evaluate and sample); `__post_init__` checks the
+  # bounds of their `hparam` declarations.
+  seed: int = hparam(
+    0,
+    'Seed of the weights, the data order and every noise draw (stateless, so runs repeat).',
+    minimum=INT64_MIN,
+    maximum=INT64_MAX,
+  )
+  noise_seeding: str = hparam(
+    'global_batch',
+    'global_batch: every replica draws the noise of the whole global batch from (seed, step) '
+    'and keeps its slice, so the run does not depend on the number of replicas; per_replica: '
+    'fold the replica id into the step seed (cheaper, depends on the replica count).',
+    choices=NOISE_SEEDINGS,
+  )
+  jit_compile: bool = hparam(
+    False,
+    'XLA-compile the per-replica loss-and-gradient function (GPU or CPU devices; see '
+    'docs/benchmarks.md for when it pays off).',
+  )
+  steps_per_loop: int = hparam(
+    1,
+    "Training steps per tf.function call (orbit's inner loop): one host sync per loop, so an "
+    'accelerator is not idled by the host every step; intervals are rounded to whole loops.',
+    minimum=1,
+    maximum=MAX_STEPS,
+  )
+  num_cpu_devices: int = hparam(
+    0,
+    'Split the CPU into this many logical devices and train on them with MirroredStrategy '
+    '(multi-replica runs without GPUs); 0 = all GPUs, or the CPU when there is none.',
+    minimum=0,
+    maximum=MAX_CPU_DEVICES,
+  )
+  checkpoint_every: int = hparam(
+    2000,
+    'Save a checkpoint every this many steps (and always at the end or on interruption).',
+    minimum=1,
+    maximum=MAX_STEPS,
+  )
+  keep_checkpoints: int = hparam(3, 'Number of most recent checkpoints to keep.', minimum=1)
+  eval_every: int = hparam(
+    7820,
+    'Test-split ELBO bits/dim every this many steps (and at the end); 0 = only at the end.',
+    minimum=0,
+    maximum=MAX_STEPS,
+  )
+  eval_examples: Optional[int] = hparam(
+    None,
+    'Test examples per evaluation (default: the whole split; 0 = no evaluation).',
+    minimum=0,
+    maximum=INT64_MAX,
+  )
+  eval_batch_size: Optional[int] = hparam(
+    None, 'Global batch of the evaluation (default: --global_batch_size).', minimum=1
+  )
+  log_every: int = hparam(
+    100,
+    'Write training scalars (TensorBoard, metrics.jsonl) every this many steps.',
+    minimum=1,
+    maximum=MAX_STEPS,
+  )
+  sample_every: int = hparam(
+    7820,
+    'Write a sample grid to TensorBoard every this many steps (and a PNG at the end); 0 = '
+    'only at the end.',
+    minimum=0,
+    maximum=MAX_STEPS,
+  )
+  num_grid_samples: int = hparam(64, 'Samples per grid; 0 = no samples.', minimum=0)
+  sample_temperature: float = hparam(
+    1.0,
+    'Temperature of the sample grids (std of the latents; the official sampler uses 1).',
+    minimum=0.0,
+  )
+  export_dir: Optional[str] = hparam(
+    None,
+    'Export a SavedModel here after training (implies --export); versions are EXPORT_DIR/N.',
+  )
+  progress_bar: bool = hparam(True, 'Show a tqdm progress bar.')
 
   def __post_init__(self):
-    if self.noise_seeding not in flags_lib.NOISE_SEEDINGS:
-      raise ConfigError(
-        f'--noise_seeding must be one of {flags_lib.NOISE_SEEDINGS}, got {self.noise_seeding!r}.'
-      )
-    _check_int('seed', self.seed, flags_lib.INT64_MIN, flags_lib.INT64_MAX)
-    for name in ('checkpoint_every', 'log_every'):
-      _check_int(name, getattr(self, name), 1, flags_lib.MAX_STEPS)
-    for name in ('eval_every', 'sample_every'):
-      _check_int(name, getattr(self, name), 0, flags_lib.MAX_STEPS)
-    _check_int('keep_checkpoints', self.keep_checkpoints, 1, flags_lib.INT32_MAX)
-    _check_int('steps_per_loop', self.steps_per_loop, 1, flags_lib.MAX_STEPS)
-    _check_int('num_grid_samples', self.num_grid_samples, 0, flags_lib.INT32_MAX)
-    _check_int('num_cpu_devices', self.num_cpu_devices, 0, flags_lib.MAX_CPU_DEVICES)
-    if self.eval_batch_size is not None:
-      _check_int('eval_batch_size', self.eval_batch_size, 1, flags_lib.INT32_MAX)
-    if self.eval_examples is not None:
-      _check_int('eval_examples', self.eval_examples, 0, flags_lib.INT64_MAX)
-    _check_float('sample_temperature', self.sample_temperature, 0.0)
+    check_fields(self, ConfigError)
     expected = data_lib.image_shape(self.data)
     if tuple(self.model.image_shape) != tuple(expected):
       raise ConfigError(
@@ -216,60 +303,17 @@ class TrainConfig:
     fv = flag_values
     try:
       data = data_lib.DataConfig(
-        dataset=fv.dataset,
-        data_dir=fv.data_dir,
-        image_dir=fv.image_dir,
-        image_size=fv.image_size,
-        download=fv.download,
-        skip_bad_images=fv.skip_bad_images,
-        augmentation=fv.augmentation,
-        shuffle_buffer=fv.shuffle_buffer,
-        celeba_center_crop=fv.celeba_center_crop,
-        embedded_num_train=fv.embedded_num_train,
-        embedded_num_test=fv.embedded_num_test,
-        seed=0,
+        **values_from_flags(data_lib.DataConfig, fv), data_dir=fv.data_dir, seed=0
       )
       image_shape = data_lib.image_shape(data)
     except (ValueError, data_lib.DatasetNotFoundError) as e:
       raise ConfigError(str(e)) from None
     model = model_config_from_flags(fv, image_shape)
-    export_dir = fv.export_dir
-    if fv.export and not export_dir:
-      export_dir = os.path.join(fv.workdir, 'export') if fv.workdir else None
-    optim = OptimConfig(
-      global_batch_size=fv.global_batch_size,
-      learning_rate=fv.learning_rate,
-      adamax_epsilon=fv.adamax_epsilon,
-      warmup_steps=fv.warmup_steps,
-      lr_schedule=fv.lr_schedule,
-      lr_decay_gamma=fv.lr_decay_gamma,
-      steps_per_epoch=fv.steps_per_epoch,
-      train_steps=fv.train_steps,
-      finetune_lr=fv.finetune_lr,
-      finetune_steps=fv.finetune_steps,
-      max_consecutive_nonfinite=fv.max_consecutive_nonfinite,
-    )
-    return cls(
-      model=model,
-      data=data,
-      optim=optim,
-      seed=fv.seed,
-      noise_seeding=fv.noise_seeding,
-      jit_compile=fv.jit_compile,
-      steps_per_loop=fv.steps_per_loop,
-      num_cpu_devices=fv.num_cpu_devices,
-      checkpoint_every=fv.checkpoint_every,
-      keep_checkpoints=fv.keep_checkpoints,
-      eval_every=fv.eval_every,
-      eval_examples=fv.eval_examples,
-      eval_batch_size=fv.eval_batch_size,
-      log_every=fv.log_every,
-      sample_every=fv.sample_every,
-      num_grid_samples=fv.num_grid_samples,
-      sample_temperature=fv.sample_temperature,
-      export_dir=export_dir,
-      progress_bar=fv.progress_bar,
-    )
+    values = values_from_flags(cls, fv)
+    if fv.export and not values.get('export_dir'):
+      values['export_dir'] = os.path.join(fv.workdir, 'export') if fv.workdir else None
+    optim = OptimConfig(**values_from_flags(OptimConfig, fv))
+    return cls(model=model, data=data, optim=optim, **values)
 
   def to_json(self) -> Dict:
     """A JSON-ready dict of every setting."""
@@ -283,16 +327,10 @@ def model_config_from_flags(flag_values, image_shape: Sequence[int]) -> DenseFlo
     ConfigError: the combination is not a valid architecture (the message names the field).
   """
   fv = flag_values
-  values = {}
-  for flag_name, field in flags_lib.MODEL_FLAGS.items():
-    if fv.model_preset == 'custom' or flags_lib.explicitly_set(fv, flag_name):
-      value = fv[flag_name].value
-      if flag_name in ('units_per_block', 'steps_per_unit', 'coupling_channels'):
-        try:
-          value = tuple(int(v) for v in value)
-        except ValueError:
-          raise ConfigError(f'--{flag_name} must be a comma-separated list of ints.') from None
-      values[field] = value
+  try:
+    values = values_from_flags(DenseFlowConfig, fv, explicit_only=fv.model_preset != 'custom')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     if fv.model_preset == 'custom':
       return DenseFlowConfig(image_shape=tuple(image_shape), **values)

@@ -12,6 +12,7 @@ safe = finite loss, finite gradient norm, finite batch-norm statistics, and an u
        cannot overflow (`optimizer.update_is_safe()`, checked before the in-place kernel)
 ```
 A skipped step is reported with its cause (`SKIP_REASONS[skip_reason]`) and counted.
+`make_train_loop` runs several steps in one `tf.function` call (`--steps_per_loop`).
 
 Batch-norm running statistics are recorded by `nn.collect_batch_norm_updates` rather than
 assigned in the forward pass. That keeps the replica function free of `merge_call` (so
@@ -27,10 +28,17 @@ from typing import Any, Callable, Dict, List, Sequence
 import keras
 import tensorflow as tf
 
+from tf_denseflow import xla
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.nn.layers import collect_batch_norm_updates
 
-__all__ = ['SKIP_REASONS', 'make_train_step', 'replica_loss_and_grads']
+__all__ = [
+  'OUTPUT_DTYPES',
+  'SKIP_REASONS',
+  'make_train_loop',
+  'make_train_step',
+  'replica_loss_and_grads',
+]
 
 # What made a step skip its update, by the `skip_reason` code the step returns (0: applied).
 SKIP_REASONS = (
@@ -40,6 +48,14 @@ SKIP_REASONS = (
   'non-finite batch-norm statistics',
   'update that would overflow float32 (learning rate too large)',
 )
+# What a step returns.
+OUTPUT_DTYPES = {
+  'loss': tf.float32,
+  'grad_norm': tf.float32,
+  'finite': tf.bool,
+  'skip_reason': tf.int32,
+  'learning_rate': tf.float32,
+}
 
 
 def replica_loss_and_grads(
@@ -47,7 +63,6 @@ def replica_loss_and_grads(
   variables: Sequence[tf.Variable],
   nll_fn: Callable[[], tf.Tensor],
   global_batch: int,
-  multiplier,
 ):
   """Loss, gradients and the batch-norm statistics after this batch, assigning nothing.
 
@@ -56,7 +71,6 @@ def replica_loss_and_grads(
     variables: the variables to differentiate.
     nll_fn: computes the per-example negative ELBO `[B]` (with `training=True`).
     global_batch: examples in the global batch (the loss is their mean over all replicas).
-    multiplier: scales the loss (1.0; NaN in tests of the non-finite guard).
 
   Returns:
     `(loss, grads, bn_values)`: `grads` has zeros for unconnected variables; `bn_values` is
@@ -65,7 +79,7 @@ def replica_loss_and_grads(
   with collect_batch_norm_updates() as updates:
     with tf.GradientTape() as tape:
       nll = nll_fn()
-      loss = tf.nn.compute_average_loss(nll, global_batch_size=global_batch) * multiplier
+      loss = tf.nn.compute_average_loss(nll, global_batch_size=global_batch)
     updates.freeze()  # tf.recompute_grad replays the forward pass during tape.gradient
     grads = tape.gradient(loss, variables)
   grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
@@ -86,7 +100,7 @@ def make_train_step(
   learning_rate_fn: Callable[[tf.Variable], tf.Tensor],
   jit_compile: bool = False,
 ) -> Callable:
-  """Builds `train_step(iterator, multiplier) -> {loss, grad_norm, finite, skip_reason, ...}`.
+  """Builds `train_step(iterator) -> {loss, grad_norm, finite, skip_reason, learning_rate}`.
 
   Args:
     strategy: the distribution strategy (variables created in its scope).
@@ -103,7 +117,8 @@ def make_train_step(
     nonfinite_total: counts the skipped steps.
     seed_fn: the step's stateless seed from `step`.
     learning_rate_fn: the learning rate at `step` (reported).
-    jit_compile: XLA-compile the per-replica loss-and-gradient function.
+    jit_compile: XLA-compile the per-replica loss-and-gradient function (`xla.jit`: traced
+      under `xla.compatible()`, so the model takes its XLA-compilable paths).
 
   Returns:
     A `tf.function` returning `loss` (the global mean, nats), `grad_norm`, `finite` (the update
@@ -115,14 +130,12 @@ def make_train_step(
       # strategy.extended.update needs the tf.Variable (a MirroredVariable) inside Keras's.
       bn_variables.append(v.value if isinstance(v, keras.Variable) else v)
 
-  def loss_and_grads(images, noise, multiplier):
-    return replica_loss_and_grads(
-      model, variables, lambda: nll_fn(images, noise), global_batch, multiplier
-    )
+  def loss_and_grads(images, noise):
+    return replica_loss_and_grads(model, variables, lambda: nll_fn(images, noise), global_batch)
 
   if jit_compile:
     # XLA on the per-replica math only (ecosystem.md 5.1); the update stays outside.
-    loss_and_grads = tf.function(loss_and_grads, jit_compile=True, autograph=False)
+    loss_and_grads = xla.jit(loss_and_grads)
 
   def apply_if_finite(distribution, grads, bn_values, finite):
     # A cond whose branch synchronises (the optimizer's merge_call) must run in cross-replica
@@ -141,10 +154,10 @@ def make_train_step(
 
   update_is_safe = getattr(optimizer, 'update_is_safe', None)
 
-  def replica_step(images, seed, multiplier):
+  def replica_step(images, seed):
     ctx = tf.distribute.get_replica_context()
     noise = noise_fn(images, seed, ctx.replica_id_in_sync_group)
-    loss, grads, bn_values = loss_and_grads(images, noise, multiplier)
+    loss, grads, bn_values = loss_and_grads(images, noise)
     loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
     if bn_values:
       bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
@@ -169,10 +182,10 @@ def make_train_step(
     return loss, grad_norm, finite, skip_reason
 
   @tf.function(autograph=False)
-  def train_step(iterator, multiplier) -> Dict[str, tf.Tensor]:
+  def train_step(iterator) -> Dict[str, tf.Tensor]:
     seed = seed_fn(step)
     learning_rate = learning_rate_fn(step)
-    outputs = strategy.run(replica_step, args=(next(iterator), seed, multiplier))
+    outputs = strategy.run(replica_step, args=(next(iterator), seed))
     first = strategy.experimental_local_results
     loss, grad_norm, finite, skip_reason = [first(x)[0] for x in outputs]
     nonfinite_total.assign_add(tf.cast(tf.logical_not(finite), nonfinite_total.dtype))
@@ -182,7 +195,38 @@ def make_train_step(
       'grad_norm': grad_norm,
       'finite': finite,
       'skip_reason': skip_reason,
-      'learning_rate': learning_rate,
+      'learning_rate': tf.cast(learning_rate, tf.float32),
     }
 
   return train_step
+
+
+def make_train_loop(train_step: Callable) -> Callable:
+  """Builds `train_loop(iterator, num_steps)`: `num_steps` steps in one `tf.function` call.
+
+  Orbit's inner loop (`orbit.utils.create_tf_while_loop_fn`): a `tf.while_loop` over the step,
+  so the host syncs once per loop, not once per step. Every step runs exactly as on its own (its
+  own seed, learning rate and non-finite guard, from the step variable), so `k` loops of `n`
+  steps give the weights of `k * n` single steps.
+
+  Args:
+    train_step: a `make_train_step` function.
+
+  Returns:
+    A `tf.function` taking the iterator and `num_steps` (int32 scalar tensor, >= 1: one trace
+    for every count) and returning the step outputs stacked, each `[num_steps]`, in step order.
+  """
+  step_fn = train_step.python_function
+
+  @tf.function(autograph=False)
+  def train_loop(iterator, num_steps) -> Dict[str, tf.Tensor]:
+    arrays = {k: tf.TensorArray(dtype, size=num_steps) for k, dtype in OUTPUT_DTYPES.items()}
+
+    def body(i, arrays):
+      outputs = step_fn(iterator)
+      return i + 1, {k: arrays[k].write(i, outputs[k]) for k in arrays}
+
+    _, arrays = tf.while_loop(lambda i, _: i < num_steps, body, (tf.constant(0), arrays))
+    return {k: a.stack() for k, a in arrays.items()}
+
+  return train_loop

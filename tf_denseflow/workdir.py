@@ -1,33 +1,46 @@
-"""The layout of a run directory: model config, checkpoints, and restoring a model from them.
+"""The layout of a run directory: every file name, the resume checks, and one atomic write.
 
 ```
 WORKDIR/model_config.json      DenseFlowConfig as JSON (written once, read by every program)
+WORKDIR/train_config.json      every setting of the training run (evaluate/sample read the data)
 WORKDIR/checkpoints/ckpt-N.*   tf.train.Checkpoint(model=..., step=..., model_config=..., ...)
+WORKDIR/tb/                    TensorBoard scalars and sample grids
+WORKDIR/metrics.jsonl          one JSON line per log/eval point of training
+WORKDIR/samples_stepN.png      training's final sample grid
+WORKDIR/samples_tT_seedS.png   python -m tf_denseflow.sample's grid
+WORKDIR/eval_SPLIT_kK.json     python -m tf_denseflow.evaluate's result
 ```
 Every program (train, evaluate, sample, export, convert_torch) goes through these functions, so
 they agree on the checkpoint's object graph: the model is always saved under the key `model`, the
 global step under `step`, and the model config it was written for, as JSON, under `model_config`.
-
-Restoring is all or nothing (`restore_checkpoint`): the checkpoint must have been written for the
-workdir's model config, and every variable of the objects restored must find a value of its
-shape in the checkpoint, while every model variable of the checkpoint must find a variable here.
-Anything else stops with a one-line `CheckpointError` naming the mismatch; no program runs on a
-partly restored model.
+Restoring is all or nothing (`checkpoints.restore_checkpoint`, re-exported here). Every file is
+written with `atomic_write` (a temporary file renamed over the target), so a killed program never
+leaves half a file.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple, Union
 
-import keras
-import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from absl import logging
 
+from tf_denseflow.checkpoints import (  # noqa: F401 -- re-exported: the workdir's checkpoint API
+  MODEL_CONFIG_KEY,
+  WEIGHT_NEUTRAL_FIELDS,
+  CheckpointError,
+  checkpoint_model_config,
+  config_differences,
+  config_from_fields,
+  config_json,
+  model_config_variable,
+  nonfinite_variables,
+  one_line,
+  preview,
+  restore_checkpoint,
+)
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.model import DenseFlow
 
@@ -35,68 +48,101 @@ __all__ = [
   'CHECKPOINT_SUBDIR',
   'CONFIG_FILE',
   'CheckpointError',
+  'METRICS_FILE',
   'MODEL_CONFIG_KEY',
+  'TB_SUBDIR',
+  'TRAIN_CONFIG_FILE',
   'WEIGHT_NEUTRAL_FIELDS',
+  'atomic_write',
   'checkpoint_dir',
   'checkpoint_model_config',
   'config_differences',
+  'eval_result_path',
   'latest_checkpoint',
   'load_model_config',
+  'metrics_path',
   'model_config_variable',
   'nonfinite_variables',
+  'prepare_train_workdir',
   'resolve_checkpoint',
   'restore_checkpoint',
   'restore_model',
+  'sample_grid_path',
   'save_model_config',
+  'tensorboard_dir',
+  'train_samples_path',
   'write_model_checkpoint',
 ]
 
 CONFIG_FILE = 'model_config.json'
+TRAIN_CONFIG_FILE = 'train_config.json'
 CHECKPOINT_SUBDIR = 'checkpoints'
-# The checkpoint object holding the model config (JSON string) the checkpoint was written for.
-MODEL_CONFIG_KEY = 'model_config'
-# Config fields that change neither the variables nor the function (only how it is computed):
-# a checkpoint restores into a model that differs from its own config only in these.
-WEIGHT_NEUTRAL_FIELDS = ('use_recompute_grad', 'coupling_dtype')
-_VALUE = 'VARIABLE_VALUE'
+METRICS_FILE = 'metrics.jsonl'
+TB_SUBDIR = 'tb'
+# Train settings that may differ on resume, but are worth a warning when they do.
+_RESUME_WARNINGS = ('seed', 'noise_seeding')
+_RESUME_OPTIM_WARNINGS = ('global_batch_size', 'train_steps', 'learning_rate')
 
 
-class CheckpointError(ValueError):
-  """A workdir, config file or checkpoint cannot be used; the message names the file and why."""
+# -------------------------------------------------------------------------------------------------
+# File names and writing.
 
 
-def _one_line(error: BaseException) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
+def checkpoint_dir(workdir: str) -> str:
+  """`WORKDIR/checkpoints`."""
+  return os.path.join(workdir, CHECKPOINT_SUBDIR)
+
+
+def tensorboard_dir(workdir: str) -> str:
+  """`WORKDIR/tb`: TensorBoard events."""
+  return os.path.join(workdir, TB_SUBDIR)
+
+
+def metrics_path(workdir: str) -> str:
+  """`WORKDIR/metrics.jsonl`: training's log and evaluation records."""
+  return os.path.join(workdir, METRICS_FILE)
+
+
+def train_samples_path(workdir: str, step: int) -> str:
+  """`WORKDIR/samples_step<step>.png`: the sample grid at the end of training."""
+  return os.path.join(workdir, f'samples_step{step}.png')
+
+
+def sample_grid_path(workdir: str, temperature: float, seed: int) -> str:
+  """`WORKDIR/samples_t<temperature>_seed<seed>.png`: `python -m tf_denseflow.sample`'s grid."""
+  return os.path.join(workdir, f'samples_t{temperature:g}_seed{seed}.png')
+
+
+def eval_result_path(workdir: str, split: str, num_importance_samples: int) -> str:
+  """`WORKDIR/eval_<split>_k<K>.json`: `python -m tf_denseflow.evaluate`'s result."""
+  return os.path.join(workdir, f'eval_{split}_k{num_importance_samples}.json')
+
+
+def atomic_write(path: str, contents: Union[str, bytes]) -> str:
+  """Writes `contents` to `path` through `path.tmp` and a rename; returns `path`.
+
+  Creates the directory. Works on any `tf.io.gfile` file system.
+
+  Raises:
+    OSError, tf.errors.OpError: the file cannot be written.
+  """
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  tmp = f'{path}.tmp'
+  with tf.io.gfile.GFile(tmp, 'wb' if isinstance(contents, bytes) else 'w') as f:
+    f.write(contents)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return path
 
 
 # -------------------------------------------------------------------------------------------------
 # The model config.
 
 
-def _config_json(config: DenseFlowConfig) -> str:
-  return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
-
-
-def _config_from_fields(fields, source: str) -> DenseFlowConfig:
-  if not isinstance(fields, dict):
-    raise CheckpointError(f'{source}: not a model config (a JSON object), got {fields!r:.80}.')
-  names = {f.name for f in dataclasses.fields(DenseFlowConfig)}
-  try:
-    return DenseFlowConfig(**{k: v for k, v in fields.items() if k in names})
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f'{source}: invalid model config: {_one_line(e)}') from None
-
-
 def save_model_config(workdir: str, config: DenseFlowConfig) -> str:
   """Writes `config` to `WORKDIR/model_config.json` (atomically); returns the path."""
-  tf.io.gfile.makedirs(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(_config_json(config))
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  return atomic_write(os.path.join(workdir, CONFIG_FILE), config_json(config))
 
 
 def load_model_config(workdir: str) -> DenseFlowConfig:
@@ -116,34 +162,69 @@ def load_model_config(workdir: str) -> DenseFlowConfig:
     with tf.io.gfile.GFile(path) as f:
       fields = json.load(f)
   except (ValueError, OSError, tf.errors.OpError) as e:  # JSONDecodeError, UnicodeDecodeError
-    raise CheckpointError(f'{path}: not a readable JSON model config ({_one_line(e)}).') from None
-  return _config_from_fields(fields, path)
+    raise CheckpointError(f'{path}: not a readable JSON model config ({one_line(e)}).') from None
+  return config_from_fields(fields, path)
 
 
-def config_differences(
-  saved: DenseFlowConfig, current: DenseFlowConfig, ignore: Sequence[str] = WEIGHT_NEUTRAL_FIELDS
-) -> List[Tuple[str, object, object]]:
-  """`(field, saved value, current value)` of every field (but `ignore`) that differs."""
-  a, b = dataclasses.asdict(saved), dataclasses.asdict(current)
-  plain = lambda v: tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-  return [
-    (k, plain(a[k]), plain(b[k])) for k in a if k not in ignore and plain(a[k]) != plain(b[k])
-  ]
+def prepare_train_workdir(
+  workdir: str, config: DenseFlowConfig, train_config: Dict, previous: Dict
+) -> bool:
+  """Checks the workdir's architecture against `config`, writes both configs; True if resuming.
+
+  Args:
+    workdir: the run directory (created).
+    config: the run's model config.
+    train_config: the run's `TrainConfig.to_json()`, written to `train_config.json`.
+    previous: the workdir's `train_config.json` as read (`{}` if none): resuming with another
+      seed, batch size, schedule or data is allowed, with a warning.
+
+  Raises:
+    CheckpointError: the workdir holds a checkpoint of another architecture (fields other than
+      `WEIGHT_NEUTRAL_FIELDS` differ), or its checkpoint state or config is unreadable.
+    OSError, tf.errors.OpError: the workdir is not writable.
+  """
+  resuming = latest_checkpoint(workdir) is not None
+  saved = None
+  if tf.io.gfile.exists(os.path.join(workdir, CONFIG_FILE)):
+    saved = load_model_config(workdir)
+  if resuming and saved is not None:
+    changed = [
+      f'{k}: {_as_list(a)} in the workdir, {_as_list(b)} now'
+      for k, a, b in config_differences(saved, config)
+    ]
+    if changed:
+      raise CheckpointError(
+        f'--workdir={workdir} holds a model with another architecture ('
+        + '; '.join(changed)
+        + '); use the flags of that run or a new --workdir.'
+      )
+  if resuming and previous:
+    pairs = [(k, previous.get(k), train_config.get(k)) for k in _RESUME_WARNINGS]
+    pairs += [
+      (k, previous.get('optim', {}).get(k), train_config['optim'].get(k))
+      for k in _RESUME_OPTIM_WARNINGS
+    ]
+    for key, was, now in pairs:
+      if was != now:
+        logging.warning('Resuming with %s=%s (was %s).', key, now, was)
+    if previous.get('data') != train_config['data']:
+      logging.warning(
+        'Resuming with other data settings: %s (was %s).', train_config['data'], previous['data']
+      )
+  save_model_config(workdir, config)
+  atomic_write(
+    os.path.join(workdir, TRAIN_CONFIG_FILE), json.dumps(train_config, indent=2, sort_keys=True)
+  )
+  return resuming
 
 
-def model_config_variable(config: DenseFlowConfig) -> tf.Variable:
-  """The config as a string variable, saved with the checkpoint under `MODEL_CONFIG_KEY`."""
-  with tf.device('CPU:0'):
-    return tf.Variable(_config_json(config), trainable=False, name=MODEL_CONFIG_KEY)
+def _as_list(value):
+  """JSON's spelling of a config value (tuples as lists)."""
+  return [_as_list(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 # -------------------------------------------------------------------------------------------------
 # Finding checkpoints.
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """`WORKDIR/checkpoints`."""
-  return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
 def latest_checkpoint(workdir: str) -> Optional[str]:
@@ -157,7 +238,7 @@ def latest_checkpoint(workdir: str) -> Optional[str]:
   try:
     path = tf.train.latest_checkpoint(directory)
   except (tf.errors.OpError, ValueError) as e:  # text_format.ParseError is a ValueError
-    raise CheckpointError(f'{state}: unreadable checkpoint state ({_one_line(e)}).') from None
+    raise CheckpointError(f'{state}: unreadable checkpoint state ({one_line(e)}).') from None
   if path is None and tf.io.gfile.exists(state):
     # TF ignores a state file it cannot parse, or whose latest checkpoint is gone: the run
     # would silently start over (and overwrite the checkpoints).
@@ -193,201 +274,6 @@ def resolve_checkpoint(workdir: str, checkpoint: Optional[str] = None) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# Reading and matching a checkpoint.
-
-
-# What reading a damaged checkpoint raises (TF's reader passes some C++ errors on as IndexError).
-_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError, TypeError)
-
-
-def _reader(path: str):
-  try:
-    return tf.train.load_checkpoint(path)
-  except _READ_ERRORS as e:
-    raise CheckpointError(f'{path}: not a readable checkpoint ({_one_line(e)}).') from None
-
-
-def _get_tensor(reader, key: str, path: str):
-  try:
-    return reader.get_tensor(key)
-  except _READ_ERRORS as e:
-    raise CheckpointError(f'{path}: cannot read {key} ({_one_line(e)}).') from None
-
-
-def checkpoint_model_config(path: str) -> Optional[DenseFlowConfig]:
-  """The model config a checkpoint was written for, or None if it has none stored.
-
-  Raises:
-    CheckpointError: unreadable checkpoint or config.
-  """
-  reader = _reader(path)
-  key = f'{MODEL_CONFIG_KEY}/.ATTRIBUTES/{_VALUE}'
-  if not reader.has_tensor(key):
-    return None
-  value = _get_tensor(reader, key, path)
-  try:
-    fields = json.loads(value)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f'{path}: unreadable stored model config ({_one_line(e)}).') from None
-  return _config_from_fields(fields, f'{path} (stored model config)')
-
-
-def _object_graph(reader, path: str):
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  try:
-    graph.ParseFromString(_get_tensor(reader, '_CHECKPOINTABLE_OBJECT_GRAPH', path))
-  except CheckpointError:
-    raise
-  except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError and friends: a damaged file.
-    raise CheckpointError(f'{path}: unreadable object graph ({_one_line(e)}).') from None
-  return graph
-
-
-def _match(objects: Mapping[str, object], graph) -> Tuple[Dict[str, tuple], Dict[str, str]]:
-  """Pairs the Python object graph under `objects` with the checkpoint's, by child names.
-
-  This is the matching `tf.train.Checkpoint.restore` does (an object reachable by several paths
-  is matched through any path the checkpoint has). Returns `(variables, matched)`: every
-  variable reachable from `objects`, `path -> (variable, checkpoint key or None)`, and the
-  checkpoint keys reached, `key -> path`.
-  """
-  found: Dict[int, tuple] = {}  # id(variable) -> (path, variable, key)
-  with_node, without_node = set(), set()
-  root = {c.local_name: c.node_id for c in graph.nodes[0].children}
-  queue = collections.deque(
-    (name, obj, root.get(name)) for name, obj in objects.items() if obj is not None
-  )
-  while queue:
-    path, obj, node_id = queue.popleft()
-    if id(obj) in with_node or (node_id is None and id(obj) in without_node):
-      continue
-    (with_node if node_id is not None else without_node).add(id(obj))
-    node = graph.nodes[node_id] if node_id is not None else None
-    if isinstance(obj, (tf.Variable, keras.Variable)):
-      key = None
-      if node is not None:
-        key = next((a.checkpoint_key for a in node.attributes if a.name == _VALUE), None)
-      if id(obj) not in found or (key is not None and found[id(obj)][2] is None):
-        found[id(obj)] = (path, obj, key)
-      continue
-    children = {c.local_name: c.node_id for c in node.children} if node is not None else {}
-    for name, child in tf.train.TrackableView.children(obj).items():
-      queue.append((f'{path}/{name}', child, children.get(name)))
-  variables = {path: (obj, key) for path, obj, key in found.values()}
-  matched = {key: path for path, _, key in found.values() if key is not None}
-  return variables, matched
-
-
-def _subtree_values(graph, name: str) -> List[str]:
-  """The checkpoint keys of every variable value reachable from the root's child `name`."""
-  root = {c.local_name: c.node_id for c in graph.nodes[0].children}
-  if name not in root:
-    return []
-  keys, seen, queue = [], set(), collections.deque([root[name]])
-  while queue:
-    node_id = queue.popleft()
-    if node_id in seen:
-      continue
-    seen.add(node_id)
-    node = graph.nodes[node_id]
-    keys += [a.checkpoint_key for a in node.attributes if a.name == _VALUE]
-    queue.extend(c.node_id for c in node.children)
-  return keys
-
-
-def _preview(items: Sequence[str], n: int = 3) -> str:
-  items = list(items)
-  more = f' and {len(items) - n} more' if len(items) > n else ''
-  return ', '.join(items[:n]) + more
-
-
-def restore_checkpoint(
-  path: str,
-  objects: Mapping[str, object],
-  config: Optional[DenseFlowConfig] = None,
-  config_source: str = 'the model config',
-  exclusive: Sequence[str] = ('model',),
-) -> None:
-  """Restores `objects` from the checkpoint `path`, all or nothing.
-
-  Checked before any value is assigned:
-  - the model config stored with the checkpoint equals `config` (up to `WEIGHT_NEUTRAL_FIELDS`);
-  - every variable reachable from `objects` has a value in the checkpoint, of the same shape;
-  - the checkpoint holds no variable under the `exclusive` objects that is not restored (a
-    checkpoint of a bigger model is another model, even if the smaller one is fully matched).
-  Checkpoint objects that are not in `objects` are not read (e.g. the optimizer slots for
-  evaluation: only what is passed in `objects` must be complete).
-
-  Args:
-    path: checkpoint prefix.
-    objects: name -> trackable (`{'model': model, 'step': step, ...}`), as saved.
-    config: the config the checkpoint must have been written for (None: not checked).
-    config_source: where `config` comes from (for the message).
-    exclusive: names in `objects` whose checkpoint subtree must be consumed entirely.
-
-  Raises:
-    CheckpointError: unreadable checkpoint, other model config, missing / unexpected /
-      mis-shaped variables; one line naming the checkpoint and the mismatch.
-  """
-  reader = _reader(path)
-  if config is not None:
-    saved = checkpoint_model_config(path)
-    if saved is not None:
-      diffs = config_differences(saved, config)
-      if diffs:
-        text = '; '.join(f'{k} {_show(a)} vs {_show(b)}' for k, a, b in diffs)
-        raise CheckpointError(
-          f'checkpoint {path} was written for a different model config: {text} (checkpoint vs '
-          f'{config_source}).'
-        )
-  graph = _object_graph(reader, path)
-  variables, matched = _match(objects, graph)
-  shapes = reader.get_variable_to_shape_map()
-  missing = [p for p, (_, key) in variables.items() if key is None or key not in shapes]
-  reshaped = [
-    f'{p} {tuple(shapes[key])} vs {tuple(v.shape)}'
-    for p, (v, key) in variables.items()
-    if key in shapes and tuple(shapes[key]) != tuple(v.shape)
-  ]
-  unexpected = sorted(
-    {k for name in exclusive for k in _subtree_values(graph, name) if k not in matched}
-  )
-  problems = []
-  if missing:
-    problems.append(f'{len(missing)} variable(s) not in the checkpoint ({_preview(missing)})')
-  if unexpected:
-    names = [k[: -len(f'/.ATTRIBUTES/{_VALUE}')] for k in unexpected]
-    problems.append(f'{len(names)} checkpoint variable(s) not in the model ({_preview(names)})')
-  if reshaped:
-    problems.append(f'{len(reshaped)} with another shape ({_preview(reshaped)})')
-  if problems:
-    raise CheckpointError(
-      f'checkpoint {path} does not match {config_source}: ' + '; '.join(problems) + '.'
-    )
-  try:
-    status = tf.train.Checkpoint(**objects).restore(path)
-    status.assert_existing_objects_matched()  # checked above; kept as the library's own check
-    status.expect_partial()  # objects not asked for (see the docstring) stay unread, by design
-  except (AssertionError,) + _READ_ERRORS as e:
-    raise CheckpointError(f'checkpoint {path}: restore failed ({_one_line(e)}).') from None
-
-
-def _show(value) -> str:
-  return str(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
-
-
-def nonfinite_variables(variables: Sequence, names: Optional[Sequence[str]] = None) -> List[str]:
-  """Names of the floating-point variables holding NaN or Inf (in the variables' dtype)."""
-  bad = []
-  for i, v in enumerate(variables):
-    if not tf.as_dtype(v.dtype).is_floating:
-      continue
-    if not np.all(np.isfinite(np.asarray(tf.convert_to_tensor(v)))):
-      bad.append(names[i] if names is not None else getattr(v, 'path', None) or v.name)
-  return bad
-
-
-# -------------------------------------------------------------------------------------------------
 # Restoring and writing a model.
 
 
@@ -418,7 +304,7 @@ def restore_model(workdir: str, checkpoint: Optional[str] = None) -> Tuple[Dense
   )
   bad = nonfinite_variables(_all_variables(model))
   if bad:
-    raise CheckpointError(f'checkpoint {path} holds non-finite weights: {_preview(bad)}.')
+    raise CheckpointError(f'checkpoint {path} holds non-finite weights: {preview(bad)}.')
   return model, int(step.numpy())
 
 
@@ -431,7 +317,7 @@ def write_model_checkpoint(workdir: str, model: DenseFlow, step: int = 0) -> str
   """
   bad = nonfinite_variables(_all_variables(model))
   if bad:
-    raise CheckpointError(f'Not writing non-finite weights: {_preview(bad)}.')
+    raise CheckpointError(f'Not writing non-finite weights: {preview(bad)}.')
   step_var = tf.Variable(step, dtype=tf.int64, trainable=False)
   checkpoint = tf.train.Checkpoint(
     model=model, step=step_var, model_config=model_config_variable(model.config)
@@ -441,4 +327,4 @@ def write_model_checkpoint(workdir: str, model: DenseFlow, step: int = 0) -> str
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir(workdir), max_to_keep=3)
     return manager.save(checkpoint_number=step)
   except (tf.errors.OpError, OSError) as e:
-    raise CheckpointError(f'cannot write the workdir {workdir}: {_one_line(e)}') from None
+    raise CheckpointError(f'cannot write the workdir {workdir}: {one_line(e)}') from None

@@ -9,6 +9,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tf_denseflow import xla
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.checks import check_int
 
@@ -23,24 +24,14 @@ def random_orthogonal(channels: int, seed) -> tf.Tensor:
   return tf.cast(q, tf.float32)
 
 
-def _tracing_for_xla() -> bool:
-  """True while a `jit_compile=True` function (or an enclosing one) is being traced."""
-  try:
-    from tensorflow.python.ops import control_flow_util  # no public equivalent
-  except ImportError:  # pragma: no cover -- then always take the XLA-safe path
-    return True
-  return tf.inside_function() and control_flow_util.GraphOrParentsInXlaContext(
-    tf.compat.v1.get_default_graph()
-  )
-
-
 def log_abs_det(matrix: tf.Tensor) -> tf.Tensor:
   """`log|det W|`: `tf.linalg.slogdet`, or `sum(log|diag R|)` of `W = QR` under XLA.
 
-  XLA has no kernel for slogdet and has one for QR, so functions traced for XLA use QR. Outside
-  XLA slogdet (LU) is ~3.5x faster with its gradient (`W^-T`) on this model's 62..308 channels.
+  XLA has no kernel for slogdet and has one for QR, so code traced under `xla.compatible()` (the
+  train step's and bench's `jit_compile` functions, through `xla.jit`) uses QR. Outside XLA
+  slogdet (LU) is ~3.5x faster with its gradient (`W^-T`) on this model's 62..308 channels.
   """
-  if _tracing_for_xla():
+  if xla.compatible_now():
     r = tf.linalg.qr(matrix, full_matrices=False)[1]
     return tf.reduce_sum(tf.math.log(tf.abs(tf.linalg.diag_part(r))))
   return tf.linalg.slogdet(matrix)[1]

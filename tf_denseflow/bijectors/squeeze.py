@@ -8,10 +8,9 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
+from tf_denseflow.config import SQUEEZE_ORDERS
 
 __all__ = ['Squeeze', 'squeeze2x2', 'unsqueeze2x2']
-
-_ORDERS = ('channel_major', 'space_to_depth')
 
 
 def squeeze2x2(x: tf.Tensor, order: str = 'channel_major') -> tf.Tensor:
@@ -59,8 +58,8 @@ class Squeeze(FlowBijector):
     self, order: str = 'channel_major', validate_args: bool = False, name: str = 'squeeze'
   ):
     parameters = dict(locals())
-    if order not in _ORDERS:
-      raise ValueError(f'`order` must be one of {_ORDERS}, got {order!r}.')
+    if order not in SQUEEZE_ORDERS:
+      raise ValueError(f'`order` must be one of {SQUEEZE_ORDERS}, got {order!r}.')
     with tf.name_scope(name) as name:
       self._order = order
       super().__init__(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tf_denseflow.checks import INT64_MAX
+from tf_denseflow.config_flags import hparam
+
 __all__ = [
   'AUGMENTATIONS',
   'DATASETS',
@@ -56,19 +59,47 @@ class DataConfig:
       names each) instead of refusing the folder with a `BadDataError` that lists them.
   """
 
-  dataset: str = 'cifar10'
+  # The `hparam` fields are also flags of `python -m tf_denseflow.train` (config_flags);
+  # `--data_dir` is shared by the programs (flags.py), `seed` is the training seed's.
+  dataset: str = hparam(
+    'cifar10',
+    'TFDS name (cifar10, imagenet_resized/32x32, imagenet_resized/64x64, celeb_a), embedded '
+    '(32x32 patches of the photos shipped in scikit-learn, built locally), image_dir, or the '
+    'path of a prepared TFDS dataset directory.',
+  )
   data_dir: str | None = None
-  image_dir: str | None = None
-  image_size: int | None = None
-  download: bool = False
-  augmentation: str = 'eta'
-  shuffle_buffer: int = 10_000
+  image_dir: str | None = hparam(
+    None, 'With --dataset=image_dir: a folder holding train/ and test/ image subfolders.'
+  )
+  image_size: int | None = hparam(
+    None,
+    'Image height = width in pixels (default: the dataset native size); a multiple of '
+    '2**len(units_per_block), i.e. of 8 for three blocks.',
+    minimum=1,
+  )
+  download: bool = hparam(False, 'Let TFDS download and prepare a missing dataset.')
+  augmentation: str = hparam(
+    'eta',
+    'Training augmentation: eta = random flip + integer shift (1 px at 32x32, 3 px at 64x64, '
+    'edge padding), as the official code; hflip = flip only (CelebA); none.',
+    choices=AUGMENTATIONS,
+  )
+  shuffle_buffer: int = hparam(
+    10_000, 'Shuffle buffer of the training stream, in examples.', minimum=0, maximum=INT64_MAX
+  )
   cache: bool = True
-  celeba_center_crop: bool = False
-  embedded_num_train: int = 20_000
-  embedded_num_test: int = 2_000
+  celeba_center_crop: bool = hparam(
+    False,
+    'CelebA: resize the RealNVP 148x148 centre crop instead of the whole image (official).',
+  )
+  embedded_num_train: int = hparam(20_000, 'Training patches of the embedded dataset.', minimum=1)
+  embedded_num_test: int = hparam(2_000, 'Test patches of the embedded dataset.', minimum=1)
   seed: int = 0
-  skip_bad_images: bool = False
+  skip_bad_images: bool = hparam(
+    False,
+    'With --dataset=image_dir: leave out image files that cannot be decoded (a warning names '
+    'each) instead of refusing to start with an error that lists them.',
+  )
 
   def __post_init__(self):
     if not isinstance(self.dataset, str) or not self.dataset:

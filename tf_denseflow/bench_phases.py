@@ -1,0 +1,142 @@
+"""The pieces `python -m tf_denseflow.bench` times and counts (also used by `benchmarks/`).
+
+`build_phases` builds a fresh model and the three timed functions (the training loop's own step,
+the ELBO evaluation, sampling); `count_flops` counts a traced graph's float operations with TF's
+profiler; `sgemm_gflop_s` calibrates the machine; `device_info` describes it. TensorFlow is
+imported inside the functions, so `bench`'s flag errors come before the slow import.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+__all__ = ['build_phases', 'count_flops', 'device_info', 'sgemm_gflop_s']
+
+
+def count_flops(concrete_function) -> Optional[float]:
+  """Float operations of a traced function's graph (TF profiler), or None if unavailable."""
+  import tensorflow as tf
+
+  logger, level = tf.get_logger(), tf.get_logger().level
+  logger.setLevel('ERROR')  # the v1 profiler warns about its own deprecated internals
+  try:
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    return float(
+      tf.compat.v1.profiler.profile(concrete_function.graph, options=options).total_float_ops
+    )
+  except Exception:  # noqa: BLE001 -- the profiler is best effort; timing does not depend on it.
+    return None
+  finally:
+    logger.setLevel(level)
+
+
+def sgemm_gflop_s(size: int = 2048, repeats: int = 10) -> float:
+  """Best-of-`repeats` GFLOP/s of a `size`^3 fp32 matmul in a `tf.function` (calibration)."""
+  import tensorflow as tf
+
+  a = tf.random.stateless_normal([size, size], seed=[0, 0])
+  matmul = tf.function(lambda x: tf.matmul(x, x), autograph=False)
+  matmul(a).numpy()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).numpy()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best / 1e9
+
+
+def device_info() -> Dict[str, Any]:
+  """TensorFlow and Python versions, machine, CPU count and GPU names (for the result JSON)."""
+  import tensorflow as tf
+
+  gpus = tf.config.list_physical_devices('GPU')
+  info = {
+    'tensorflow': tf.__version__,
+    'python': platform.python_version(),
+    'machine': platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'gpus': [],
+  }
+  for gpu in gpus:
+    details = tf.config.experimental.get_device_details(gpu)
+    info['gpus'].append(details.get('device_name', gpu.name))
+  return info
+
+
+def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int = 0):
+  """A fresh, initialised model of `config` and the three timed functions (untraced).
+
+  Returns a dict: `model`, `batches` (two random uint8 batches), `train` (called as
+  `train(iterator)`), `iterator`, `eval` (`eval(images, seed_of(i))`), `sample`
+  (`sample(seed_of(i))`), `seed_of`, `build_s`, `init_s`. Also used by
+  `benchmarks/profile_train_step.py`.
+  """
+  import tensorflow as tf
+
+  from tf_denseflow import seeds, xla
+  from tf_denseflow import train_step as train_step_lib
+  from tf_denseflow import trainer as trainer_lib
+  from tf_denseflow.model import DenseFlow
+  from tf_denseflow.optim import Adamax
+
+  rng = np.random.default_rng(seed)
+  shape = (batch_size,) + tuple(config.image_shape)
+  batches = [tf.constant(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(2)]
+
+  start = time.perf_counter()
+  model = DenseFlow(config, seed=seed)
+  build_s = time.perf_counter() - start
+  start = time.perf_counter()
+  model.initialize(batches[0])
+  init_s = time.perf_counter() - start
+  variables = model.trainable_variables
+  optimizer = Adamax(learning_rate=1e-3)
+  optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
+
+  # The training loop's own step (train_step.make_train_step) on the default strategy: noise
+  # drawn outside the (optionally XLA-compiled) loss-and-gradient function, batch-norm
+  # statistics recorded and assigned with the update, finiteness guard.
+  step = tf.Variable(0, dtype=tf.int64, trainable=False)
+  skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
+  train_step = train_step_lib.make_train_step(
+    tf.distribute.get_strategy(),
+    model,
+    optimizer,
+    variables,
+    lambda images, s, replica: trainer_lib.replica_noise(model, s, replica, batch_size, batch_size),
+    lambda images, noise: trainer_lib.nll_given_noise(model, images, noise, training=True),
+    batch_size,
+    step,
+    skipped,
+    seed_fn=lambda s: seeds.step_seed(seed, s),
+    learning_rate_fn=lambda s: tf.constant(1e-3),
+    jit_compile=jit_compile,
+  )
+  iterator = iter(tf.data.Dataset.from_tensor_slices(tf.stack(batches)).repeat())
+  compile_fn = (
+    xla.jit if jit_compile else lambda fn: tf.function(fn, jit_compile=False, autograph=False)
+  )
+  eval_fn = compile_fn(lambda images, s: model.elbo(images, s))
+  sample_fn = compile_fn(lambda s: model.sample(batch_size, s))
+
+  def seed_of(i):
+    return tf.constant([seed, i], tf.int64)
+
+  return {
+    'model': model,
+    'batches': batches,
+    'train': train_step,
+    'iterator': iterator,
+    'eval': eval_fn,
+    'sample': sample_fn,
+    'seed_of': seed_of,
+    'build_s': build_s,
+    'init_s': init_s,
+  }

@@ -1,0 +1,292 @@
+"""The outer training loop: the cadence of logging, evaluation, checkpoints and samples.
+
+`run(trainer, reporter)` calls `Trainer.train(steps_per_loop)` until the schedule ends, and after
+each loop (orbit's `Controller`): checks every step's outputs (the non-finite streak: too many
+skipped steps in a row stop the run), then logs, checkpoints, evaluates and samples when a
+multiple of the interval falls in the loop, calls the callback, and stops on SIGTERM. Ctrl-C saves
+a checkpoint first. `Reporter` writes TensorBoard scalars, `metrics.jsonl` and the progress bar.
+The run's setup and end are `train_lib.train`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_denseflow import summaries
+from tf_denseflow import train_step as train_step_lib
+from tf_denseflow import workdir as workdir_lib
+from tf_denseflow.model import DenseFlow
+from tf_denseflow.train_config import TrainConfig, TrainingError
+from tf_denseflow.trainer import Trainer
+
+__all__ = ['Reporter', 'StopSignal', 'TrainResult', 'run']
+
+
+# -------------------------------------------------------------------------------------------------
+# Results, signals, reporting.
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run did.
+
+  Attributes:
+    step: the global step at the end.
+    start_step: the step the run started (or resumed) at.
+    test_bpd: the final test-split ELBO bits/dim (None without evaluation).
+    checkpoint: the last checkpoint path.
+    samples: the final sample grid PNG (None without samples).
+    nonfinite_steps: skipped steps over the whole run (checkpointed).
+    stopped_by: None when the schedule finished, else 'SIGTERM' or 'KeyboardInterrupt'.
+    losses: `(step, loss in nats)` of every step of this run.
+    evals: `(step, seconds since start, test bits/dim)` of every evaluation of this run.
+    num_replicas: replicas in sync.
+    model: the trained model (its variables are mirrored under the run's strategy).
+    optimizer: the optimizer (its `iterations` counts the applied updates).
+  """
+
+  step: int
+  start_step: int
+  test_bpd: Optional[float] = None
+  checkpoint: Optional[str] = None
+  samples: Optional[str] = None
+  nonfinite_steps: int = 0
+  stopped_by: Optional[str] = None
+  losses: List[Tuple[int, float]] = dataclasses.field(default_factory=list)
+  evals: List[Tuple[int, float, float]] = dataclasses.field(default_factory=list)
+  num_replicas: int = 1
+  model: Optional[DenseFlow] = None
+  optimizer: Optional[keras.optimizers.Optimizer] = None
+
+
+class StopSignal:
+  """Turns SIGTERM into a flag the loop checks between loops (main thread only)."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+class _SkipStreak:
+  """Consecutive skipped steps and their causes; too many in a row stop the run."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.length = 0
+    self.reasons: Dict[str, int] = {}
+
+  def skipped(self, step: int, out: Dict, total: int, last_checkpoint: Optional[str]) -> None:
+    """Logs skipped step `step` (`out`: its outputs, Python values).
+
+    Raises:
+      TrainingError: `limit` steps in a row were skipped.
+    """
+    self.length += 1
+    reason = train_step_lib.SKIP_REASONS[int(out['skip_reason'])]
+    self.reasons[reason] = self.reasons.get(reason, 0) + 1
+    learning_rate = float(out['learning_rate'])
+    logging.warning(
+      'step %d: %s (loss %s, learning rate %s); update skipped (%d in a row, %d in total).',
+      step,
+      reason,
+      float(out['loss']),
+      learning_rate,
+      self.length,
+      total,
+    )
+    if self.length >= self.limit:
+      causes = ', '.join(f'{n} x {r}' for r, n in self.reasons.items())
+      raise TrainingError(
+        f'{self.length} consecutive steps skipped (steps {step + 1 - self.length}-{step}: '
+        f'{causes}; learning rate {learning_rate:g}); stopping. The last checkpoint '
+        f'({last_checkpoint}) holds finite weights; lower --learning_rate or raise '
+        '--warmup_steps before resuming.'
+      )
+
+  def applied(self) -> None:
+    self.length = 0
+    self.reasons = {}
+
+
+class Reporter:
+  """TensorBoard scalars, `metrics.jsonl`, the progress bar, and the window of train losses."""
+
+  def __init__(self, config: TrainConfig, workdir: str, result: TrainResult):
+    self.config = config
+    self.result = result
+    self.writer = tf.summary.create_file_writer(workdir_lib.tensorboard_dir(workdir))
+    self.metrics_path = workdir_lib.metrics_path(workdir)
+    self.run_start = time.time()
+    self.progress = None  # created after the first loop, so that tracing does not skew the ETA
+    self._reset_window()
+
+  def _reset_window(self) -> None:
+    self.window = {'loss': 0.0, 'count': 0, 'start': time.time(), 'steps': 0}
+
+  def step(self, loss: float, finite: bool) -> None:
+    """Adds a step to the window (its loss only if the update was applied)."""
+    if finite:
+      self.window['loss'] += loss
+      self.window['count'] += 1
+    self.window['steps'] += 1
+
+  def advance(self, current: int, num_steps: int) -> None:
+    """Moves the progress bar to `current` after a loop of `num_steps`."""
+    if self.progress is None:
+      self.progress = _progress_bar(self.config, current, self.config.optim.total_steps)
+    else:
+      self.progress.update(num_steps)
+
+  def _append(self, record: Dict) -> None:
+    with tf.io.gfile.GFile(self.metrics_path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def log_train(self, current: int, metrics: Dict[str, float]) -> None:
+    """Writes the window's train bits/dim, throughput and the last step's metrics."""
+    elapsed = max(time.time() - self.window['start'], 1e-9)
+    images_per_s = self.window['steps'] * self.config.optim.global_batch_size / elapsed
+    scale = self.config.model.bits_per_dim_scale
+    count = self.window['count']
+    train_bpd = self.window['loss'] / count * scale if count else math.nan
+    values = {
+      'bits_per_dim': train_bpd,
+      'learning_rate': metrics['learning_rate'],
+      'grad_norm': metrics['grad_norm'],
+      'images_per_s': images_per_s,
+      'skipped_steps': self.result.nonfinite_steps,
+    }
+    summaries.write_scalars(self.writer, {f'train/{k}': v for k, v in values.items()}, current)
+    elapsed_s = round(time.time() - self.run_start, 3)
+    record = {f'train_{k}' if k == 'bits_per_dim' else k: v for k, v in values.items()}
+    self._append({'step': current, 'elapsed_s': elapsed_s, **record})
+    if self.progress is not None:
+      self.progress.set_postfix(bpd=f'{train_bpd:.3f}', img_s=f'{images_per_s:.1f}')
+    self._reset_window()
+
+  def log_eval(self, current: int, bits_per_dim: float) -> None:
+    """Records an evaluation (TensorBoard, `metrics.jsonl`, the result, the console)."""
+    elapsed = time.time() - self.run_start
+    self.result.evals.append((current, elapsed, bits_per_dim))
+    summaries.write_scalars(self.writer, {'eval/bits_per_dim': bits_per_dim}, current)
+    self._append(
+      {'step': current, 'elapsed_s': round(elapsed, 3), 'eval_bits_per_dim': bits_per_dim}
+    )
+    logging.info('step %d: test ELBO %.4f bits/dim', current, bits_per_dim)
+    if self.progress is not None:
+      self.progress.write(f'step {current}: test bits/dim {bits_per_dim:.4f}')
+
+  def close(self) -> None:
+    if self.progress is not None:
+      self.progress.close()
+
+
+def _progress_bar(config: TrainConfig, start: int, total: int):
+  if not config.progress_bar:
+    return None
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=start, unit='step', dynamic_ncols=True, smoothing=0.05)
+
+
+def _crossed(previous: int, current: int, every: Optional[int]) -> bool:
+  """Whether a multiple of `every` lies in `(previous, current]` (never for 0 or None)."""
+  return bool(every) and current // every > previous // every
+
+
+# -------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run(
+  trainer: Trainer,
+  reporter: Reporter,
+  step_callback: Optional[Callable[[int, Dict[str, float], DenseFlow], None]],
+) -> None:
+  """Runs loops of `steps_per_loop` steps to the end of the schedule, or until stopped.
+
+  After each loop, in this order: log, checkpoint, evaluate, sample (each when its interval's
+  multiple falls in the loop), callback, SIGTERM check.
+  """
+  config, result = trainer.config, reporter.result
+  total = config.optim.total_steps
+  streak = _SkipStreak(config.optim.max_consecutive_nonfinite)
+  current = result.start_step
+  with StopSignal() as stop:
+    try:
+      while current < total:
+        num_steps = min(config.steps_per_loop, total - current)
+        outputs = trainer.train(num_steps)
+        previous, current = current, current + num_steps
+        for i, step in enumerate(range(previous, current)):
+          out = {k: v[i].item() for k, v in outputs.items()}
+          result.losses.append((step, float(out['loss'])))
+          if out['finite']:
+            streak.applied()
+          else:
+            result.nonfinite_steps += 1
+            streak.skipped(step, out, result.nonfinite_steps, trainer.manager.latest_checkpoint)
+          reporter.step(float(out['loss']), bool(out['finite']))
+        metrics = {
+          'loss': float(out['loss']),
+          'bits_per_dim': float(out['loss']) * config.model.bits_per_dim_scale,
+          'grad_norm': float(out['grad_norm']),
+          'learning_rate': float(out['learning_rate']),
+          'finite': bool(out['finite']),
+        }
+        reporter.advance(current, num_steps)
+        if _crossed(previous, current, config.log_every) or current == total:
+          reporter.log_train(current, metrics)
+        if _crossed(previous, current, config.checkpoint_every):
+          trainer.save(current)
+        if (
+          current < total
+          and trainer.can_evaluate
+          and _crossed(previous, current, config.eval_every)
+        ):
+          reporter.log_eval(current, trainer.evaluate())
+        if (
+          current < total
+          and config.num_grid_samples
+          and _crossed(previous, current, config.sample_every)
+        ):
+          summaries.write_image_grid(reporter.writer, 'samples', trainer.draw_samples(), current)
+        if step_callback is not None:
+          step_callback(current, metrics, trainer.model)
+        if stop.received:
+          result.stopped_by = stop.received
+          logging.warning('%s received: stopping at step %d.', stop.received, current)
+          break
+    except KeyboardInterrupt:
+      result.stopped_by = 'KeyboardInterrupt'
+      reporter.close()
+      step = int(trainer.step.numpy())
+      path = trainer.save(step)
+      print(f'interrupted at step {step}; checkpoint: {path}', file=sys.stderr)
+      raise
+    finally:
+      reporter.close()

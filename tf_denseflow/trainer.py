@@ -1,0 +1,365 @@
+"""The trainer: the run's strategy, model, optimizer and checkpoint, and its compiled functions.
+
+Orbit's seams (`orbit.StandardTrainer` / `StandardEvaluator`): a `Trainer` owns the state and
+the `tf.function`s, and `train(num_steps)` runs `num_steps` steps in one call (the inner loop);
+the outer loop in `train_lib.train` owns the cadence of logging, evaluation, checkpoints and
+samples. The step itself (loss, one all-reduce, guarded update) is `train_step.py`'s.
+
+The loss of a replica, with replica-independent noise (`noise_seeding='global_batch'`, the
+default): every replica derives the noise of the whole global batch from the step's seed
+(`DenseFlow.draw_noise`) and keeps the rows of its own examples, so example `j` of the global
+batch gets the same noise whatever the number of replicas; with `'per_replica'` the replica id is
+folded into the seed instead (cheaper: no redundant draws). Seeds come from `seeds.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from tf_denseflow import data as data_lib
+from tf_denseflow import seeds
+from tf_denseflow import train_step as train_step_lib
+from tf_denseflow import workdir as workdir_lib
+from tf_denseflow.model import DenseFlow
+from tf_denseflow.optim import Adamax
+from tf_denseflow.train_config import ConfigError, TrainConfig, TrainingError
+
+__all__ = [
+  'Trainer',
+  'negative_elbo',
+  'nll_given_noise',
+  'replica_noise',
+]
+
+
+# -------------------------------------------------------------------------------------------------
+# The per-example loss with replica-independent noise.
+
+
+def replica_noise(
+  model: DenseFlow,
+  seed: tf.Tensor,
+  replica_id,
+  global_batch: int,
+  size: int,
+  noise_seeding: str = 'global_batch',
+) -> Tuple[tf.Tensor, List[tf.Tensor]]:
+  """The dequantization and augmentation noise of one replica's `size` examples.
+
+  'global_batch': rows `replica_id * size ...` of `model.draw_noise(seed, global_batch)` (example
+  j's noise does not depend on the replica count); 'per_replica': the draws of
+  `model.elbo(images, fold_in(seed, replica_id))`.
+
+  Drawn by TF's kernels outside any XLA cluster (XLA's stateless generators give other numbers
+  for the same seed), so `--jit_compile` does not change the noise.
+  """
+  replica_id = tf.cast(replica_id, tf.int64)
+  if noise_seeding == 'per_replica':
+    return model.draw_noise(tf.random.experimental.stateless_fold_in(seed, replica_id), size)
+  return model.draw_noise(seed, global_batch, replica_id * size, size)
+
+
+def nll_given_noise(model: DenseFlow, images, noise, training: bool) -> tf.Tensor:
+  """`-elbo` in nats, `[B]`, with the noise `(u, [noise_1, ...])` of `replica_noise`."""
+  u, augmentation = noise
+  terms = model.log_likelihood_terms(images, training=training, dequant_noise=u, noise=augmentation)
+  return -terms['total']
+
+
+def negative_elbo(
+  model: DenseFlow,
+  images: tf.Tensor,
+  seed: tf.Tensor,
+  replica_id,
+  global_batch: int,
+  training: bool,
+  noise_seeding: str = 'global_batch',
+) -> tf.Tensor:
+  """Single-sample negative ELBO in nats, `[B]`, of one replica's slice of a global batch.
+
+  Args:
+    model: the flow.
+    images: uint8 `[B, H, W, C]`, rows `replica_id * B ...` of the global batch.
+    seed: the step's stateless seed `[2]` (int64).
+    replica_id: the replica's index (int or scalar tensor).
+    global_batch: examples in the global batch (`B * replicas`).
+    training: batch-norm mode.
+    noise_seeding: 'global_batch' (noise of global row j is the same for any replica count) or
+      'per_replica' (`model.elbo` with the replica id folded into the seed).
+
+  Returns:
+    `-elbo`, `[B]`.
+
+  Raises:
+    ValueError: the batch size is not static.
+  """
+  size = images.shape[0]
+  if size is None:
+    raise ValueError('negative_elbo needs a static batch size.')
+  noise = replica_noise(model, seed, replica_id, global_batch, size, noise_seeding)
+  return nll_given_noise(model, images, noise, training)
+
+
+# -------------------------------------------------------------------------------------------------
+# The trainer.
+
+
+class Trainer:
+  """The state of a run and the functions that advance, evaluate and sample it.
+
+  Attributes:
+    config: the run's settings.
+    strategy: the MirroredStrategy every variable lives under.
+    model: the flow; `optimizer`: its Adamax; `step`: the global step (int64 variable, counts
+      skipped steps too); `nonfinite_steps`: skipped steps (int64 variable).
+    manager: the `tf.train.CheckpointManager` of `WORKDIR/checkpoints`.
+  """
+
+  def __init__(
+    self,
+    config: TrainConfig,
+    strategy: tf.distribute.Strategy,
+    workdir: str,
+    learning_rate_fn: Callable[[tf.Tensor], tf.Tensor],
+  ):
+    """Builds the model, optimizer and checkpoint under `strategy` (nothing is restored yet).
+
+    Args:
+      config: the run's settings (batch sizes divisible by the replica count).
+      strategy: the distribution strategy.
+      workdir: the run directory (checkpoints go to `WORKDIR/checkpoints`).
+      learning_rate_fn: the learning rate at a step (`train_config.WarmupSchedule`).
+    """
+    self.config = config
+    self.strategy = strategy
+    self.global_batch = config.optim.global_batch_size
+    self.eval_batch = config.eval_batch_size or self.global_batch
+    with strategy.scope():
+      self.model = DenseFlow(config.model, seed=config.seed)
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+      self.nonfinite_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name='nonfinite_steps')
+      self.optimizer = Adamax(
+        learning_rate=lambda: learning_rate_fn(self.step), epsilon=config.optim.adamax_epsilon
+      )
+      self.optimizer.build(self.model.trainable_variables)
+    self._state = dict(
+      model=self.model,
+      optimizer=self.optimizer,
+      step=self.step,
+      nonfinite_steps=self.nonfinite_steps,
+    )
+    checkpoint = tf.train.Checkpoint(
+      **self._state, model_config=workdir_lib.model_config_variable(config.model)
+    )
+    self.manager = tf.train.CheckpointManager(
+      checkpoint, workdir_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints
+    )
+    self._workdir = workdir
+    self._saved_step = -1
+    self._train_step = train_step_lib.make_train_step(
+      strategy,
+      self.model,
+      self.optimizer,
+      self.model.trainable_variables,
+      lambda images, seed, replica_id: replica_noise(
+        self.model, seed, replica_id, self.global_batch, images.shape[0], config.noise_seeding
+      ),
+      lambda images, noise: self.replica_loss(images, noise),
+      self.global_batch,
+      self.step,
+      self.nonfinite_steps,
+      seed_fn=lambda s: seeds.step_seed(config.seed, s),
+      learning_rate_fn=learning_rate_fn,
+      jit_compile=config.jit_compile,
+    )
+    self._train_loop = None
+    if config.steps_per_loop > 1:
+      self._train_loop = train_step_lib.make_train_loop(self._train_step)
+    self._iterator = None
+    self._eval_dataset = None
+    if self.can_evaluate:  # checked before any step: the test split is not empty
+      self._eval_dataset = _distributed_eval_dataset(config, strategy, self.eval_batch)
+    self._eval_step = tf.function(self._eval_batch, autograph=False)
+    self._sample = tf.function(
+      lambda seed: self.model.sample(config.num_grid_samples, seed, config.sample_temperature),
+      autograph=False,
+    )
+
+  # ----------------------------------------------------------------- State
+
+  def replica_loss(self, images: tf.Tensor, noise) -> tf.Tensor:
+    """The per-example training loss `[B]` (nats) of a replica's images given their noise."""
+    return nll_given_noise(self.model, images, noise, training=True)
+
+  def restore_or_initialize(self, resuming: bool) -> int:
+    """Restores the latest checkpoint, or initialises ActNorm on the first batch; the step.
+
+    Resuming restores everything, all or nothing (`workdir.restore_checkpoint`): the model
+    config the checkpoint was written for, every model and optimizer variable (resuming without
+    the Adamax slots would silently restart the moments), the step and the skipped-step counter.
+    The restored values must be finite (the update bound of `optim.Adamax` assumes finite slots).
+
+    Raises:
+      ConfigError: the checkpoint cannot be resumed (the message says why).
+    """
+    config = self.config
+    if resuming:
+      path = self.manager.latest_checkpoint
+      try:
+        workdir_lib.restore_checkpoint(
+          path,
+          self._state,
+          config.model,
+          config_source=(
+            f'the model config of this run ({self._workdir}/{workdir_lib.CONFIG_FILE})'
+          ),
+          exclusive=('model', 'optimizer'),
+        )
+      except workdir_lib.CheckpointError as e:
+        raise ConfigError(f'Cannot resume: {e}') from None
+      bad = workdir_lib.nonfinite_variables(self._weights() + list(self.optimizer.variables))
+      if bad:
+        raise ConfigError(f'Cannot resume from {path}: non-finite values in {", ".join(bad[:3])}.')
+      self._saved_step = int(self.step.numpy())
+    else:
+      # ActNorm's data-dependent init, once, in cross-replica context, on the first global batch.
+      first = next(
+        iter(data_lib.make_train_dataset(config.data, self.global_batch, seed=config.seed))
+      )
+      with self.strategy.scope():
+        self.model.initialize(first, seed=(config.seed, seeds.INIT_STREAM))
+    return int(self.step.numpy())
+
+  def _weights(self) -> list:
+    return self.model.trainable_variables + self.model.non_trainable_keras_variables
+
+  def save(self, step: int) -> Optional[str]:
+    """Checkpoints the state as `ckpt-<step>` (once per step); returns the latest checkpoint.
+
+    Raises:
+      TrainingError: a weight is NaN or Inf (nothing is written).
+    """
+    if step == self._saved_step:
+      return self.manager.latest_checkpoint
+    bad = workdir_lib.nonfinite_variables(self._weights())
+    if bad:
+      raise TrainingError(
+        f'Non-finite weights at step {step} ({", ".join(bad[:3])}'
+        f'{f" and {len(bad) - 3} more" if len(bad) > 3 else ""}): not saving them. The last '
+        f'good checkpoint is {self.manager.latest_checkpoint}.'
+      )
+    path = self.manager.save(checkpoint_number=step)
+    self._saved_step = step
+    return path
+
+  # ----------------------------------------------------------------- Training
+
+  def train(self, num_steps: int) -> Dict[str, np.ndarray]:
+    """Runs `num_steps` steps in one `tf.function` call (`steps_per_loop > 1`) or one by one.
+
+    Returns:
+      Every step's `loss`, `grad_norm`, `finite`, `skip_reason` and `learning_rate`, NumPy
+      arrays `[num_steps]` in step order.
+    """
+    if self._iterator is None:  # from the batch after the last one taken (resuming included)
+      self._iterator = iter(self.strategy.distribute_datasets_from_function(self._dataset_fn))
+    if self._train_loop is None:
+      steps = [self._train_step(self._iterator) for _ in range(num_steps)]
+      return {k: np.array([s[k].numpy() for s in steps]) for k in train_step_lib.OUTPUT_DTYPES}
+    out = self._train_loop(self._iterator, tf.constant(num_steps, tf.int32))
+    return {k: v.numpy() for k, v in out.items()}
+
+  def _dataset_fn(self, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    batches_per_step = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    return data_lib.make_train_dataset(
+      self.config.data,
+      ctx.get_per_replica_batch_size(self.global_batch),
+      input_context=ctx,
+      seed=self.config.seed,
+      skip_batches=int(self.step.numpy()) * batches_per_step,
+    )
+
+  # ----------------------------------------------------------------- Evaluation and samples
+
+  @property
+  def can_evaluate(self) -> bool:
+    """Whether the run evaluates (`eval_examples != 0`)."""
+    return self.config.eval_examples != 0
+
+  def evaluate(self) -> float:
+    """The single-sample ELBO of the test split (evaluation mode), bits/dim (`can_evaluate`).
+
+    Batch k's noise comes from `seeds.step_seed(seed, k, EVAL_STREAM)`, as in
+    `python -m tf_denseflow.evaluate --num_importance_samples=1` with the same batch size.
+    """
+    total, count = 0.0, 0.0
+    for index, batch in enumerate(self._eval_dataset):
+      t, c = self._eval_step(batch, tf.constant(index, tf.int64))
+      total += float(t)
+      count += float(c)
+    return total / max(count, 1.0) * self.config.model.bits_per_dim_scale
+
+  def _eval_batch(self, batch, index):
+    seed = seeds.step_seed(self.config.seed, index, seeds.EVAL_STREAM)
+    strategy = self.strategy
+
+    def replica_eval(images, weights):
+      ctx = tf.distribute.get_replica_context()
+      nll = negative_elbo(
+        self.model,
+        images,
+        seed,
+        ctx.replica_id_in_sync_group,
+        self.eval_batch,
+        False,
+        self.config.noise_seeding,
+      )
+      return tf.reduce_sum(nll * weights), tf.reduce_sum(weights)
+
+    total, count = strategy.run(replica_eval, args=(batch[0], batch[1]))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None)
+    return total, strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
+
+  def draw_samples(self) -> np.ndarray:
+    """`config.num_grid_samples` uint8 samples from the fixed seed `(seed, SAMPLE_STREAM)`."""
+    with self.strategy.scope():
+      return self._sample(seeds.stream_seed(self.config.seed, seeds.SAMPLE_STREAM)).numpy()
+
+
+def _distributed_eval_dataset(
+  config: TrainConfig, strategy: tf.distribute.Strategy, eval_batch: int
+) -> tf.distribute.DistributedDataset:
+  """The test split as `(images, weights)`, padded with weight-0 images to whole global batches.
+
+  Each replica gets consecutive per-replica batches, so global batch k holds examples
+  `k * eval_batch ...`: replica r's rows are `r * eval_batch / replicas ...` of it, as in training.
+
+  Raises:
+    ConfigError: the test split is empty.
+  """
+  count = data_lib.num_examples(config.data, 'test')
+  if config.eval_examples is not None:
+    count = config.eval_examples if count is None else min(count, config.eval_examples)
+  if not count:
+    raise ConfigError(f'The test split of {config.data.dataset!r} is empty.')
+  padded = math.ceil(count / eval_batch) * eval_batch
+  image_shape = tuple(config.model.image_shape)
+
+  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    examples = data_lib.load_split(config.data, 'test').take(count)
+    examples = examples.map(lambda x: (x, tf.constant(1.0)))
+    padding = tf.data.Dataset.from_tensors(
+      (tf.zeros(image_shape, tf.uint8), tf.constant(0.0))
+    ).repeat(padded - count)
+    ds = examples.concatenate(padding).cache()
+    ds = ds.batch(ctx.get_per_replica_batch_size(eval_batch), drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
