@@ -60,7 +60,7 @@ def main(argv=None):
   parser.add_argument('--inter_op', type=int, default=1, help='inter-op threads (0 = TF default)')
   parser.add_argument('--by', choices=['type', 'name'], default='type')
   parser.add_argument('--top', type=int, default=25)
-  parser.add_argument('--recompute_grad', action='store_true')
+  parser.add_argument('--use_recompute_grad', action='store_true')
   args = parser.parse_args(argv)
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,7 +70,7 @@ def main(argv=None):
 
   if args.inter_op:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-  config = bench._make_config(args.preset, args.image_size, 'float32', args.recompute_grad)
+  config = bench._make_config(args.preset, args.image_size, 'float32', args.use_recompute_grad)
   parts = bench.build_phases(config, args.batch_size)
   seed_of, batches = parts['seed_of'], parts['batches']
   call = {

@@ -37,7 +37,7 @@ _NOT_FLAGS = {
   'DataConfig': {'cache', 'data_dir', 'seed'},
 }
 # Copies of a choice tuple left in modules that another change owns (to be imported instead).
-_KNOWN_COPIES = {('tf_denseflow/bench.py', '_PRESETS')}
+_KNOWN_COPIES = set()
 
 flags_lib.define_flags()
 

@@ -83,7 +83,7 @@ def _nhwc(a):
 def _golden_total(model, name):
   data = np.load(os.path.join(GOLDEN, f'{name}_official.npz'))
   noise_keys = sorted(k for k in data.files if k.startswith('noise/'))
-  terms = model.log_likelihood_terms(
+  terms = model.elbo_terms(
     data['x'],
     dequant_noise=_nhwc(data[noise_keys[0]]),
     noise=[_nhwc(data[k]) for k in noise_keys[1:]],

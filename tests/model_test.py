@@ -224,7 +224,7 @@ class DenseFlowTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_elbo_is_the_sum_of_its_terms(self):
     seed = tf.constant([4, 5], tf.int64)
-    terms = self.model.log_likelihood_terms(self.images, seed)
+    terms = self.model.elbo_terms(self.images, seed)
     names = ['dequantization', 'block0', 'noise_block0', 'transition0', 'block1']
     names += ['noise_block1', 'transition1', 'block2', 'noise_block2', 'base']
     self.assertCountEqual(list(terms), names + ['total'])
@@ -241,7 +241,7 @@ class DenseFlowTest(tf.test.TestCase, parameterized.TestCase):
       tf.random.stateless_normal([3, *s], seed=[12, k + 1])
       for k, s in enumerate(cfg.noise_shapes())
     ]
-    terms = model.log_likelihood_terms(self.images, dequant_noise=eps, noise=noise)
+    terms = model.elbo_terms(self.images, dequant_noise=eps, noise=noise)
     want = {}
 
     u, log_q = model.dequantizer.sample_and_log_prob(tf.constant(self.images), noise=eps)
@@ -288,7 +288,7 @@ class DenseFlowTest(tf.test.TestCase, parameterized.TestCase):
       tf.random.stateless_normal([3, *s], seed=[13, k + 1])
       for k, s in enumerate(self.config.noise_shapes())
     ]
-    terms = self.model.log_likelihood_terms(self.images, dequant_noise=eps, noise=noise)
+    terms = self.model.elbo_terms(self.images, dequant_noise=eps, noise=noise)
     u, log_q = self.model.dequantizer.sample_and_log_prob(tf.constant(self.images), noise=eps)
     x = (tf.cast(self.images, tf.float32) + u) / 256.0
     elbo = (
@@ -414,7 +414,7 @@ class InputChecksTest(tf.test.TestCase, parameterized.TestCase):
       lambda im: self.model.elbo(im),
       lambda im: self.model.bits_per_dim(im),
       lambda im: self.model.log_prob_bound(im, num_samples=2),
-      lambda im: self.model.log_likelihood_terms(im),
+      lambda im: self.model.elbo_terms(im),
     ):
       for images in (bad, tf.constant(bad)):
         with self.assertRaisesRegex(ValueError, '`images` must hold integer pixel levels'):

@@ -33,10 +33,10 @@ def _close(test, got, want, rtol=1e-5, atol=1e-3):
 
 class GoldenParityTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(('tiny', 'tiny'), ('tiny_3units', 'tiny_3units'))
-  def test_log_likelihood_terms_match_official(self, name):
+  def test_elbo_terms_match_official(self, name):
     data, model = _load(name)
     noise_keys = sorted(k for k in data.files if k.startswith('noise/'))
-    terms = model.log_likelihood_terms(
+    terms = model.elbo_terms(
       data['x'],
       dequant_noise=_nhwc(data[noise_keys[0]]),
       noise=[_nhwc(data[k]) for k in noise_keys[1:]],

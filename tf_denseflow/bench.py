@@ -3,7 +3,7 @@
 ```
 python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 \
     --json=runs/bench_small.json [--steps=10] [--warmup=2] [--jit_compile] \
-    [--coupling_dtype=bfloat16] [--recompute_grad]
+    [--coupling_dtype=bfloat16] [--use_recompute_grad]
 ```
 Random uint8 images, one device. Each phase is one `tf.function` (traced and compiled during the
 warm-up calls, which are excluded), timed per call (outputs fetched to the host, so GPU work is
@@ -46,11 +46,12 @@ from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
   device_info,
   sgemm_gflop_s,
 )
+from tf_denseflow.checks import INT32_MAX as _INT32_MAX
+from tf_denseflow.checks import INT64_MAX as _INT64_MAX
+from tf_denseflow.config import COUPLING_DTYPES, PRESETS
 
 __all__ = ['OFFICIAL_GMAC_32', 'count_flops', 'define_bench_flags', 'format_table', 'run_benchmark']
 
-_PRESETS = ('tiny', 'small', 'denseflow_74_10')
-_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # The official conv/matmul cost of one log-likelihood pass per 32x32 image (multiply-adds).
 OFFICIAL_GMAC_32 = {'small': 2.32, 'denseflow_74_10': 16.35}
 
@@ -60,8 +61,8 @@ def _make_config(
 ):
   from tf_denseflow.config import DenseFlowConfig
 
-  if preset not in _PRESETS:
-    raise ValueError(f'Unknown preset {preset!r}; choose one of {", ".join(_PRESETS)}.')
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown preset {preset!r}; choose one of {", ".join(PRESETS)}.')
   return getattr(DenseFlowConfig, preset)(
     (image_size, image_size, 3),
     coupling_dtype=coupling_dtype,
@@ -237,7 +238,7 @@ def define_bench_flags() -> None:
   from tf_denseflow import flags as flags_lib
 
   define = flags_lib.define  # leaves a flag another program defined (tests) as it is
-  define(flags.DEFINE_enum, 'preset', 'small', list(_PRESETS), 'DenseFlowConfig preset.')
+  define(flags.DEFINE_enum, 'preset', 'small', list(PRESETS), 'DenseFlowConfig preset.')
   define(
     flags.DEFINE_integer,
     'image_size',
@@ -272,11 +273,11 @@ def define_bench_flags() -> None:
   )
   define(flags.DEFINE_bool, 'jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
   define(
-    flags.DEFINE_enum, 'coupling_dtype', 'float32', ['float32', 'bfloat16'], 'Coupling-net dtype.'
+    flags.DEFINE_enum, 'coupling_dtype', 'float32', list(COUPLING_DTYPES), 'Coupling-net dtype.'
   )
   define(
     flags.DEFINE_bool,
-    'recompute_grad',
+    'use_recompute_grad',
     False,
     'Recompute coupling-network activations in the backward pass.',
   )
@@ -307,7 +308,7 @@ def main(argv: List[str]) -> None:
   if len(argv) > 1:
     flags_lib.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    config = _make_config(f.preset, f.image_size, f.coupling_dtype, f.recompute_grad)
+    config = _make_config(f.preset, f.image_size, f.coupling_dtype, f.use_recompute_grad)
   except ValueError as e:
     flags_lib.fail(f'--preset={f.preset} --image_size={f.image_size}: {e}')
   if f.json:  # before the (slow) run: the result must have somewhere to go

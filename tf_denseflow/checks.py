@@ -70,6 +70,16 @@ def _scalar(name: str, value):
   return array
 
 
+def _symbolic_scalar(name: str, value) -> tf.Tensor:
+  """A symbolic 0-D number tensor (dtype and static rank checked now, values when it runs)."""
+  t = tf.convert_to_tensor(value)
+  if not (t.dtype.is_integer or t.dtype.is_floating):
+    raise TypeError(f'`{name}` must be a number, got a {t.dtype.name} tensor.')
+  if t.shape.rank is not None and t.shape.rank != 0:
+    raise ValueError(f'`{name}` must be a scalar, got shape {t.shape}.')
+  return t
+
+
 def check_int(name: str, value: Number, minimum: Optional[int] = 1, maximum: Optional[int] = None):
   """Checks an integer-valued count; returns a Python `int`, or the asserted tensor.
 
@@ -85,11 +95,7 @@ def check_int(name: str, value: Number, minimum: Optional[int] = 1, maximum: Opt
   """
   concrete = concrete_value(value)
   if concrete is None:
-    t = tf.convert_to_tensor(value)
-    if not (t.dtype.is_integer or t.dtype.is_floating):
-      raise TypeError(f'`{name}` must be a number, got a {t.dtype.name} tensor.')
-    if t.shape.rank is not None and t.shape.rank != 0:
-      raise ValueError(f'`{name}` must be a scalar, got shape {t.shape}.')
+    t = _symbolic_scalar(name, value)
     checks = []
     if t.dtype.is_floating:
       checks.append(
@@ -146,11 +152,7 @@ def check_float(
   relation = '>' if exclusive_minimum else '>='
   concrete = concrete_value(value)
   if concrete is None:
-    t = tf.convert_to_tensor(value)
-    if not (t.dtype.is_integer or t.dtype.is_floating):
-      raise TypeError(f'`{name}` must be a number, got a {t.dtype.name} tensor.')
-    if t.shape.rank is not None and t.shape.rank != 0:
-      raise ValueError(f'`{name}` must be a scalar, got shape {t.shape}.')
+    t = _symbolic_scalar(name, value)
     t = tf.cast(t, tf.float32) if t.dtype.is_integer else t
     checks = [tf.debugging.Assert(tf.math.is_finite(t), [f'`{name}` must be finite, got', t])]
     if minimum is not None:

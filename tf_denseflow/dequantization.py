@@ -23,7 +23,7 @@ from tf_denseflow.bijectors.squeeze import unsqueeze2x2
 from tf_denseflow.nn.coupling_net import ContextNetwork, DequantCouplingNetwork
 from tf_denseflow.nn.layers import Seeds
 
-__all__ = ['UniformDequantization', 'VariationalDequantization']
+__all__ = ['UniformDequantization', 'VariationalDequantization', 'make_dequantizer']
 
 
 class UniformDequantization(tf.Module):
@@ -150,3 +150,22 @@ class VariationalDequantization(tf.Module):
     u = tf.sigmoid(e)
     log_q -= sum_event(-tf.nn.softplus(-e) - tf.nn.softplus(e))
     return u, log_q
+
+
+def make_dequantizer(config, seeds: Optional[Seeds] = None):
+  """The dequantizer a `DenseFlowConfig` asks for (`config.dequantization`)."""
+  if config.dequantization == 'uniform':
+    return UniformDequantization(config.image_shape)
+  return VariationalDequantization(
+    config.image_shape,
+    num_steps=config.dequant_steps,
+    context_channels=config.dequant_context_channels,
+    mid_channels=config.dequant_mid_channels,
+    depth=config.dequant_depth,
+    growth=config.dequant_growth,
+    context_depth=config.dequant_context_depth,
+    context_growth=config.dequant_context_growth,
+    squeeze_order=config.squeeze_order,
+    seeds=seeds,
+    num_bits=config.num_bits,
+  )

@@ -13,15 +13,23 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob
+from tf_denseflow.bounds import iwbo_accumulate, iwbo_normalize
 from tf_denseflow.checks import check_float, check_images, check_int, check_seed
 from tf_denseflow.config import DenseFlowConfig
-from tf_denseflow.dequantization import UniformDequantization, VariationalDequantization
+from tf_denseflow.dequantization import make_dequantizer
 from tf_denseflow.flow import DenseFlowBijector
 from tf_denseflow.nn.layers import BatchNorm, Seeds
 
 tfd = tfp.distributions
 
-__all__ = ['DenseFlow', 'iwbo_accumulate', 'iwbo_normalize']
+__all__ = ['DenseFlow', 'iwbo_accumulate', 'iwbo_normalize']  # the reducers: bounds.py
+
+
+def _std_normal_parts(shapes) -> tfd.Distribution:
+  """N(0, I) over a list of event shapes (a `JointDistributionSequential`)."""
+  return tfd.JointDistributionSequential(
+    [tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=list(shape)) for shape in shapes]
+  )
 
 
 def _unique(items) -> list:
@@ -32,29 +40,6 @@ def _unique(items) -> list:
       seen.add(id(item))
       out.append(item)
   return out
-
-
-def iwbo_accumulate(acc: tf.Tensor, lls: tf.Tensor, draws: tf.Tensor, num_samples) -> tf.Tensor:
-  """One streaming step of the importance-weighted bound: a running log-sum-exp per row.
-
-  ```
-  acc <- log(exp(acc) + sum_{j : draws[j] < num_samples} exp(lls[j]))
-  ```
-  Args:
-    acc: `[N]` log-sum-exp of the draws so far (`-inf` at the start).
-    lls: `[c, N]` single-sample ELBOs of `c` more draws of each row.
-    draws: `[c]` int32 index of each of those draws.
-    num_samples: the draws each row takes: a scalar, or `[N]` per row (serving); later draws are
-      masked out, so chunks may overshoot.
-  """
-  valid = draws[:, None] < tf.cast(num_samples, draws.dtype)
-  lls = tf.where(valid, lls, -math.inf)
-  return tf.reduce_logsumexp(tf.concat([acc[None], lls], 0), axis=0)
-
-
-def iwbo_normalize(acc: tf.Tensor, num_samples) -> tf.Tensor:
-  """The IWBO `log (1/k) sum_j exp(elbo_j)` from `iwbo_accumulate`'s sum (`k` scalar or `[N]`)."""
-  return acc - tf.math.log(tf.cast(num_samples, tf.float32))
 
 
 class DenseFlow(tf.Module):
@@ -86,22 +71,7 @@ class DenseFlow(tf.Module):
     seeds = Seeds(seed)
     with self.name_scope:
       self.bijector = DenseFlowBijector(config, seeds=seeds)
-      if config.dequantization == 'variational':
-        self.dequantizer = VariationalDequantization(
-          config.image_shape,
-          num_steps=config.dequant_steps,
-          context_channels=config.dequant_context_channels,
-          mid_channels=config.dequant_mid_channels,
-          depth=config.dequant_depth,
-          growth=config.dequant_growth,
-          context_depth=config.dequant_context_depth,
-          context_growth=config.dequant_context_growth,
-          squeeze_order=config.squeeze_order,
-          seeds=seeds,
-          num_bits=config.num_bits,
-        )
-      else:
-        self.dequantizer = UniformDequantization(config.image_shape)
+      self.dequantizer = make_dequantizer(config, seeds)
 
   # ---------------------------------------------------------------------------------------------
   # Distributions.
@@ -109,12 +79,7 @@ class DenseFlow(tf.Module):
   @property
   def base_distribution(self) -> tfd.Distribution:
     """Standard normal over every latent (a `JointDistributionSequential`)."""
-    return tfd.JointDistributionSequential(
-      [
-        tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=list(shape))
-        for shape in self.config.latent_shapes()
-      ]
-    )
+    return _std_normal_parts(self.config.latent_shapes())
 
   @property
   def joint_distribution(self) -> tfd.Distribution:
@@ -124,9 +89,7 @@ class DenseFlow(tf.Module):
   @property
   def noise_distribution(self) -> tfd.Distribution:
     """The augmentation noise's N(0, I), one part per injection."""
-    return tfd.JointDistributionSequential(
-      [tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=list(s)) for s in self.config.noise_shapes()]
-    )
+    return _std_normal_parts(self.config.noise_shapes())
 
   # ---------------------------------------------------------------------------------------------
   # Variables and initialisation.
@@ -207,18 +170,11 @@ class DenseFlow(tf.Module):
     seed_k        = stateless_split(seed_noise, max(1, K))[k]
     noise_k       = stateless_normal([batch, *noise_shapes()[k]], seed_k)
     ```
-    and rows `[offset, offset + size)` of those (a replica's slice of a global batch). Row `r`
-    of a batch of `n` equals row `r` of a batch of `m > r` (stateless draws fill in row-major
-    order), so the rows of a batch of one are a row's noise on its own (serving).
-
-    Args:
-      seed: stateless seed `[2]`, any integer dtype (used as int64).
-      batch: rows drawn (int or scalar tensor).
-      offset, size: the rows returned (default: all `batch`).
-
-    Returns:
-      `dequant_noise` `[size, *dequantizer.noise_shape]` and `K` tensors `[size, *noise_shape_k]`,
-      float32.
+    and rows `[offset, offset + size)` of those (a replica's slice of a global batch; default:
+    all `batch` rows). Stateless draws fill in row-major order, so row `r` is the same in any
+    batch of more than `r` rows: a batch of one is a row's noise on its own (serving). `seed` is
+    `[2]` of any integer dtype (used as int64). Returns float32 `dequant_noise [size,
+    *dequantizer.noise_shape]` and `K` tensors `[size, *noise_shapes()[k]]`.
     """
     seed = tf.cast(seed, tf.int64)
     seed_u, seed_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -234,7 +190,7 @@ class DenseFlow(tf.Module):
     size = batch - offset if size is None else size
     return u[offset : offset + size], [n[offset : offset + size] for n in noise]
 
-  def log_likelihood_terms(
+  def elbo_terms(
     self,
     images,
     seed=None,
@@ -285,7 +241,7 @@ class DenseFlow(tf.Module):
     return names + ['base', 'total']
 
   def _terms(self, images, seed, training, dequant_noise=None, noise=None, data_init=False):
-    """`log_likelihood_terms` of checked float32 levels (`levels`) and an integer seed `[2]`."""
+    """`elbo_terms` of checked float32 levels (`levels`) and an integer seed `[2]`."""
     compute = lambda: self._nonempty_terms(  # noqa: E731
       images, seed, training, dequant_noise, noise, data_init
     )

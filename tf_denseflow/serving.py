@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from tf_denseflow.model import DenseFlow, iwbo_accumulate, iwbo_normalize
+from tf_denseflow.bounds import iwbo_accumulate, iwbo_normalize
+from tf_denseflow.model import DenseFlow
 
 __all__ = ['DenseFlowServingModule', 'content_seeds', 'serving_variables']
 
@@ -247,7 +248,7 @@ class DenseFlowServingModule(tf.Module):
   def _row_elbo(self, images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
     """Single-sample bound `[M]`, row r with the noise of `seeds[r]` (inference mode)."""
     u, noise = self._row_noise(seeds)
-    return self.model.log_likelihood_terms(images, dequant_noise=u, noise=noise)['total']
+    return self.model.elbo_terms(images, dequant_noise=u, noise=noise)['total']
 
   def _outputs(self, name: str, bound: tf.Tensor) -> Dict[str, tf.Tensor]:
     return {name: bound, 'bits_per_dim': -bound * self.model.config.bits_per_dim_scale}

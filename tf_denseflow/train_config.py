@@ -12,7 +12,6 @@ import json
 import os
 from typing import Dict, Optional, Sequence
 
-import keras
 import tensorflow as tf
 
 from tf_denseflow import data as data_lib
@@ -25,6 +24,7 @@ from tf_denseflow.checks import (
 )
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.config_flags import check_fields, hparam, values_from_flags
+from tf_denseflow.optim import WarmupSchedule  # noqa: F401 -- re-exported: the schedule of OptimConfig
 from tf_denseflow.workdir import (  # noqa: F401 -- re-exported: the run directory's file names
   METRICS_FILE,
   TB_SUBDIR,
@@ -41,7 +41,6 @@ __all__ = [
   'TRAIN_CONFIG_FILE',
   'TrainConfig',
   'TrainingError',
-  'WarmupSchedule',
   'data_config_from_json',
   'load_train_config',
   'model_config_from_flags',
@@ -373,41 +372,3 @@ def data_config_from_json(fields: Dict, source: str = TRAIN_CONFIG_FILE) -> data
     return data_lib.DataConfig(**{k: v for k, v in fields.items() if k in names})
   except (TypeError, ValueError) as e:
     raise ConfigError(f'{source}: invalid data settings: {e}') from None
-
-
-# -------------------------------------------------------------------------------------------------
-# Learning-rate schedule.
-
-
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up, then constant or exponential decay, then a constant fine-tune stage.
-
-  ```
-  t < train_steps:   lr(t) = learning_rate * min(1, (t + 1) / warmup_steps) * decay(t)
-                     decay(t) = 1 (constant) or lr_decay_gamma ** floor(t / steps_per_epoch)
-  t >= train_steps:  lr(t) = finetune_lr
-  ```
-  `t` is the 0-based global step. The warm-up uses `(t + 1)`, so the first step already moves
-  the weights; the official `LinearWarmupScheduler` gives `t / warmup` (its first step runs at
-  lr 0). 'constant' is what the official commands effectively run (their warm-up scheduler
-  resets the exponential decay every step, denseflow_spec.md section 4.2); 'exponential' is the
-  paper's description, with the decay counted from step 0 as `ExponentialLR` per epoch does.
-  """
-
-  def __init__(self, config: OptimConfig, steps_per_epoch: int = 1):
-    super().__init__()
-    self.config = config
-    self.steps_per_epoch = max(1, int(steps_per_epoch))
-
-  def __call__(self, step):
-    c = self.config
-    t = tf.cast(step, tf.float32)
-    warmup = tf.minimum(1.0, (t + 1.0) / float(max(1, c.warmup_steps)))
-    lr = c.learning_rate * warmup
-    if c.lr_schedule == 'exponential':
-      epoch = tf.floor(t / float(self.steps_per_epoch))
-      lr = lr * tf.pow(tf.constant(c.lr_decay_gamma, tf.float32), epoch)
-    return tf.where(t < float(c.train_steps), lr, tf.constant(c.finetune_lr, tf.float32))
-
-  def get_config(self) -> Dict:
-    return {'config': dataclasses.asdict(self.config), 'steps_per_epoch': self.steps_per_epoch}

@@ -66,7 +66,7 @@ def replica_noise(
 def nll_given_noise(model: DenseFlow, images, noise, training: bool) -> tf.Tensor:
   """`-elbo` in nats, `[B]`, with the noise `(u, [noise_1, ...])` of `replica_noise`."""
   u, augmentation = noise
-  terms = model.log_likelihood_terms(images, training=training, dequant_noise=u, noise=augmentation)
+  terms = model.elbo_terms(images, training=training, dequant_noise=u, noise=augmentation)
   return -terms['total']
 
 

@@ -41,11 +41,7 @@ class ActNorm(FlowBijector):
       self.log_scale = tf.Variable(tf.zeros([channels]), name='log_scale')
       self.initialized = tf.Variable(False, trainable=False, name='initialized')
       super().__init__(
-        forward_min_event_ndims=3,
-        is_constant_jacobian=True,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
+        is_constant_jacobian=True, validate_args=validate_args, parameters=parameters, name=name
       )
 
   @property

@@ -50,12 +50,7 @@ class AffineCoupling(FlowBijector):
       self._num_masked = (self._channels + 1) // 2
       self.conditioner = conditioner
       self._use_recompute_grad = use_recompute_grad
-      super().__init__(
-        forward_min_event_ndims=3,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
-      )
+      super().__init__(validate_args=validate_args, parameters=parameters, name=name)
 
   @property
   def channels(self) -> int:

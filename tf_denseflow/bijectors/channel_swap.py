@@ -26,11 +26,7 @@ class ChannelSwap(FlowBijector):
     with tf.name_scope(name) as name:
       self._channels = int(channels)
       super().__init__(
-        forward_min_event_ndims=3,
-        is_constant_jacobian=True,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
+        is_constant_jacobian=True, validate_args=validate_args, parameters=parameters, name=name
       )
 
   @property

@@ -68,11 +68,7 @@ class InvertibleConv1x1(FlowBijector):
       seed = tf.constant([0, 0], tf.int32) if seed is None else seed
       self.kernel = tf.Variable(random_orthogonal(self._channels, seed), name='kernel')
       super().__init__(
-        forward_min_event_ndims=3,
-        is_constant_jacobian=True,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
+        is_constant_jacobian=True, validate_args=validate_args, parameters=parameters, name=name
       )
 
   @property

@@ -48,9 +48,12 @@ class FlowBijector(tfb.Bijector):
   `inverse_log_det_jacobian(x)` of the same tensor object is not seen.
   """
 
-  def __init__(self, *, parameters, name, **kwargs):
+  def __init__(self, *, parameters, name, forward_min_event_ndims=3, **kwargs):
+    """TFP's constructor; events are `[H, W, C]` (`forward_min_event_ndims=3`) unless given."""
     self._ldj_memo = collections.OrderedDict()
-    super().__init__(parameters=parameters, name=name, **kwargs)
+    super().__init__(
+      parameters=parameters, name=name, forward_min_event_ndims=forward_min_event_ndims, **kwargs
+    )
 
   # Subclasses implement these two.
   def forward_and_log_det(self, z: Any, **kwargs) -> Tuple[Any, tf.Tensor]:

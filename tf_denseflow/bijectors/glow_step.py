@@ -48,12 +48,7 @@ class GlowStep(FlowBijector):
       self.conv1x1 = InvertibleConv1x1(channels, seed=conv_seed)
       self.coupling = AffineCoupling(channels, conditioner, use_recompute_grad=use_recompute_grad)
       self.swap = ChannelSwap(channels)
-      super().__init__(
-        forward_min_event_ndims=3,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
-      )
+      super().__init__(validate_args=validate_args, parameters=parameters, name=name)
 
   @property
   def channels(self) -> int:

@@ -63,11 +63,7 @@ class Squeeze(FlowBijector):
     with tf.name_scope(name) as name:
       self._order = order
       super().__init__(
-        forward_min_event_ndims=3,
-        is_constant_jacobian=True,
-        validate_args=validate_args,
-        parameters=parameters,
-        name=name,
+        is_constant_jacobian=True, validate_args=validate_args, parameters=parameters, name=name
       )
 
   @property
