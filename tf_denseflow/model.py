@@ -221,17 +221,16 @@ class DenseFlow(tf.Module):
     seed = tf.constant([0, 0], tf.int64) if seed is None else check_seed(seed)
     return self._terms(self.levels(images), seed, training, dequant_noise, noise, data_init)
 
-  def _unless_empty(self, batch, compute: Callable, empty: Callable):
-    """`compute()`, or `empty()` when `batch` is 0 (a static 0, or one `tf.cond` in graphs).
+  def _unless_empty(self, x: tf.Tensor, compute: Callable, empty: Callable):
+    """`compute()`, or `empty()` when `x`'s batch is 0 (static: no `tf.cond`; else one cond).
 
     TF 2.21's oneDNN `Conv2D` on Intel AMX CPUs returns its input for an empty batch (BUILD.md,
     "Known TF bugs"), so inference never runs the networks on one. Not for training passes:
     their batch-norm updates are recorded from the pass, which a branch would hide.
     """
-    static = tf.get_static_value(batch)
-    if static is not None:
-      return compute() if static > 0 else empty()
-    return tf.cond(batch > 0, compute, empty)
+    if x.shape[0] is not None:  # a traced static batch too (a cond costs memory: ~190 MB, DF)
+      return compute() if x.shape[0] > 0 else empty()
+    return tf.cond(tf.shape(x)[0] > 0, compute, empty)
 
   def _term_names(self) -> List[str]:
     n = self.config.num_blocks
@@ -248,7 +247,7 @@ class DenseFlow(tf.Module):
     if training or data_init:
       return compute()
     return self._unless_empty(
-      tf.shape(images)[0], compute, lambda: {k: tf.zeros([0]) for k in self._term_names()}
+      images, compute, lambda: {k: tf.zeros([0]) for k in self._term_names()}
     )
 
   def _nonempty_terms(self, images, seed, training, dequant_noise, noise, data_init):
@@ -385,9 +384,8 @@ class DenseFlow(tf.Module):
       level = tf.clip_by_value(tf.floor(x * levels), 0.0, levels - 1.0)
       return tf.cast(level * float(2 ** (8 - self.config.num_bits)), tf.uint8)
 
-    batch = tf.shape(latents[0])[0]
     return self._unless_empty(
-      batch, compute, lambda: tf.zeros([0, *self.config.image_shape], tf.uint8)
+      latents[0], compute, lambda: tf.zeros([0, *self.config.image_shape], tf.uint8)
     )
 
   def sample(self, num: int, seed=(0, 0), temperature: float = 1.0) -> tf.Tensor:
