@@ -12,7 +12,6 @@ loop bounds stay static), the asserted tensor otherwise.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Union
 
 import numpy as np
@@ -171,11 +170,6 @@ def check_float(
   if maximum is not None and result > maximum:
     raise ValueError(f'`{name}` must be <= {maximum}, got {result!r}.')
   return result
-
-
-def is_number(value) -> bool:
-  """Whether `value` is a Python or NumPy real number (not a bool)."""
-  return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
 _IMAGE_DTYPES = (
