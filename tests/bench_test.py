@@ -70,6 +70,45 @@ class BenchTest(tf.test.TestCase):
     self.assertAllClose(flops['train'], 3.0 * flops['eval'])
     self.assertIn('profiler', flops['source'])
 
+  def test_float16_library_kernels_train_phase_only(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    path = os.path.join(tmp, 'bench.json')
+    result = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'tf_denseflow.bench',
+        '--preset=tiny',
+        '--image_size=16',
+        '--batch_size=2',
+        '--steps=1',
+        '--warmup=1',
+        '--precision=float16',
+        '--conv_kernels=library',
+        '--phases=train',
+        '--nocount_flops',
+        f'--timing_lock={os.path.join(tmp, "lock")}',
+        f'--json={path}',
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    with open(path) as f:
+      out = json.load(f)
+    self.assertEqual(out['config']['coupling_dtype'], 'float16')
+    self.assertEqual((out['conv_kernels'], out['conv_kernels_resolved']), ('library', 'library'))
+    self.assertEqual(out['eval'], {'skipped': True})
+    self.assertEqual(out['sample'], {'skipped': True})
+    for key in ('step_s', 'img_s', 'trace_s', 'first_call_s', 'lock_wait_s'):
+      self.assertIn(key, out['train'])
+    # The dynamic loss scale starts at 2**15 and only halves (overflows) in 2 steps.
+    self.assertLessEqual(out['loss_scale'], 2.0**15)
+    self.assertEqual(out['loss_scale'] * 2 ** out['train_skipped_steps'], 2.0**15)
+
   def test_table_shows_failed_phases(self):
     result = {
       'config': {'image_shape': [8, 8, 3], 'coupling_dtype': 'float32'},
@@ -101,6 +140,12 @@ class BenchTest(tf.test.TestCase):
       'indivisible image': (['--preset=tiny', '--image_size=12'], '--image_size=12'),
       'json is a directory': ([f'--json={tmp}'], f'--json={tmp}'),
       'json under a file': ([f'--json={a_file}/x.json'], f'--json={a_file}/x.json'),
+      'unknown phase': (['--phases=train,backward'], '--phases=train,backward'),
+      'precision disagrees': (
+        ['--precision=float16', '--coupling_dtype=bfloat16'],
+        '--precision=float16 and --coupling_dtype=bfloat16',
+      ),
+      'unknown kernels': (['--conv_kernels=cudnn'], '--conv_kernels'),
     }
     results = cli_testlib.run_cases(
       'tf_denseflow.bench:define_bench_flags',

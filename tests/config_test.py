@@ -191,7 +191,7 @@ class DenseFlowConfigTest(tf.test.TestCase, parameterized.TestCase):
     ('bad_dequantization', dict(dequantization='gaussian'), 'dequantization'),
     ('bad_squeeze_order', dict(squeeze_order='row_major'), 'squeeze_order'),
     ('bad_attention_tokens', dict(attention_tokens='patch'), 'attention_tokens'),
-    ('bad_coupling_dtype', dict(coupling_dtype='float16'), 'coupling_dtype'),
+    ('bad_coupling_dtype', dict(coupling_dtype='float64'), 'coupling_dtype'),
   )
   def test_bad_arguments_raise_naming_the_argument(self, kwargs, argument):
     with self.assertRaisesRegex(ValueError, f'`{argument}(\\[\\d+\\])?`'):

@@ -75,12 +75,14 @@ def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int =
 
   Returns a dict: `model`, `batches` (two random uint8 batches), `train` (called as
   `train(iterator)`), `iterator`, `eval` (`eval(images, seed_of(i))`), `sample`
-  (`sample(seed_of(i))`), `seed_of`, `build_s`, `init_s`. Also used by
-  `benchmarks/profile_train_step.py`.
+  (`sample(seed_of(i))`), `seed_of`, `build_s`, `init_s`, `loss_scale` (the training step's
+  `precision.DynamicLossScale` when `config.coupling_dtype` is 'float16', else None),
+  `skipped_steps` (int64 variable: training steps whose update was skipped). Also used
+  by `benchmarks/profile_train_step.py`.
   """
   import tensorflow as tf
 
-  from tf_denseflow import seeds, xla
+  from tf_denseflow import precision, seeds, xla
   from tf_denseflow import train_step as train_step_lib
   from tf_denseflow import trainer as trainer_lib
   from tf_denseflow.model import DenseFlow
@@ -99,6 +101,7 @@ def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int =
   variables = model.trainable_variables
   optimizer = Adamax(learning_rate=1e-3)
   optimizer.build(variables)  # eagerly: tracing the slot creation is ~3x slower
+  loss_scale = precision.loss_scale_for(config.coupling_dtype)
 
   # The training loop's own step (train_step.make_train_step) on the default strategy: noise
   # drawn outside the (optionally XLA-compiled) loss-and-gradient function, batch-norm
@@ -118,6 +121,7 @@ def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int =
     seed_fn=lambda s: seeds.step_seed(seed, s),
     learning_rate_fn=lambda s: tf.constant(1e-3),
     jit_compile=jit_compile,
+    loss_scale=loss_scale,
   )
   iterator = iter(tf.data.Dataset.from_tensor_slices(tf.stack(batches)).repeat())
   compile_fn = (
@@ -139,4 +143,6 @@ def build_phases(config, batch_size: int, jit_compile: bool = False, seed: int =
     'seed_of': seed_of,
     'build_s': build_s,
     'init_s': init_s,
+    'loss_scale': loss_scale,
+    'skipped_steps': skipped,
   }

@@ -27,7 +27,7 @@ PRESETS = ('denseflow_74_10', 'small', 'tiny')  # the DenseFlowConfig classmetho
 DEQUANTIZATIONS = ('variational', 'uniform')
 SQUEEZE_ORDERS = ('channel_major', 'space_to_depth')
 ATTENTION_TOKENS = ('official', 'pixel')
-COUPLING_DTYPES = ('float32', 'bfloat16')
+COUPLING_DTYPES = ('float32', 'bfloat16', 'float16')  # also the `--precision` choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,11 @@ class DenseFlowConfig:
     dequant_growth: growth of those dense layers (official: 64).
     dequant_context_depth: dense layers in each context-net dense block (official: 4).
     dequant_context_growth: growth of those dense layers (official: 16).
-    coupling_dtype: compute dtype of the coupling networks ('float32' or 'bfloat16'); the bijector
-      math (affine maps, log-dets, base log-probabilities) always runs in float32.
+    coupling_dtype: compute dtype of the coupling networks ('float32', 'bfloat16' or 'float16';
+      the training flag is `--precision`); weights, batch-norm statistics, the attention core and
+      the bijector math (affine maps, log-dets, base log-probabilities) always stay float32.
+      'float16' needs loss scaling to train (`precision.DynamicLossScale`, which the training
+      step uses for it).
     use_recompute_grad: recompute coupling-network activations in the backward pass (gradient
       checkpointing) to save memory.
   """
@@ -156,7 +159,8 @@ class DenseFlowConfig:
   dequant_context_growth: int = hparam(16, 'Growth of the context-network dense layers.', minimum=1)
   coupling_dtype: str = hparam(
     'float32',
-    'Compute dtype of the coupling networks; the bijector math stays float32.',
+    'Compute dtype of the coupling networks (float16 trains with dynamic loss scaling); '
+    'weights, batch-norm statistics and the bijector math stay float32.',
     choices=COUPLING_DTYPES,
   )
   use_recompute_grad: bool = hparam(

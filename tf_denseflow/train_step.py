@@ -12,6 +12,14 @@ safe = finite loss, finite gradient norm, finite batch-norm statistics, and an u
        cannot overflow (`optimizer.update_is_safe()`, checked before the in-place kernel)
 ```
 A skipped step is reported with its cause (`SKIP_REASONS[skip_reason]`) and counted.
+
+float16 (`--precision=float16`) scales the loss by a `precision.DynamicLossScale` before the
+gradient and divides the gradients by the same power of 2 before the all-reduce:
+```
+grads = d(loss * scale)/dw / scale                 (in the replica function, XLA or not)
+non-finite gradient, finite loss, scale > min  ->  skip_reason LOSS_SCALE_OVERFLOW, scale / 2
+applied                                         ->  after growth_steps in a row, scale * 2
+```
 `make_train_loop` runs several steps in one `tf.function` call (`--steps_per_loop`).
 
 Batch-norm running statistics are recorded by `nn.collect_batch_norm_updates` rather than
@@ -23,7 +31,7 @@ all-reduced MEAN equals what MirroredStrategy's MEAN-aggregated assignment did.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -31,8 +39,10 @@ import tensorflow as tf
 from tf_denseflow import xla
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.nn.layers import collect_batch_norm_updates
+from tf_denseflow.precision import DynamicLossScale
 
 __all__ = [
+  'LOSS_SCALE_OVERFLOW',
   'OUTPUT_DTYPES',
   'SKIP_REASONS',
   'make_train_loop',
@@ -47,7 +57,11 @@ SKIP_REASONS = (
   'non-finite gradient',
   'non-finite batch-norm statistics',
   'update that would overflow float32 (learning rate too large)',
+  'float16 gradient overflow (loss scale halved)',
 )
+# The skip reason of a float16 overflow that the loss scale absorbs (a normal event while the
+# dynamic loss scale finds its level, not a sign of divergence).
+LOSS_SCALE_OVERFLOW = SKIP_REASONS.index('float16 gradient overflow (loss scale halved)')
 # What a step returns.
 OUTPUT_DTYPES = {
   'loss': tf.float32,
@@ -63,6 +77,7 @@ def replica_loss_and_grads(
   variables: Sequence[tf.Variable],
   nll_fn: Callable[[], tf.Tensor],
   global_batch: int,
+  loss_scale: Optional[tf.Tensor] = None,
 ):
   """Loss, gradients and the batch-norm statistics after this batch, assigning nothing.
 
@@ -71,18 +86,25 @@ def replica_loss_and_grads(
     variables: the variables to differentiate.
     nll_fn: computes the per-example negative ELBO `[B]` (with `training=True`).
     global_batch: examples in the global batch (the loss is their mean over all replicas).
+    loss_scale: float32 scalar (a power of 2) or None: differentiate `loss * loss_scale` and
+      divide the gradients by it (float16 training).
 
   Returns:
-    `(loss, grads, bn_values)`: `grads` has zeros for unconnected variables; `bn_values` is
-    `[mean_0, variance_0, mean_1, ...]` in `model.batch_norm_layers` order.
+    `(loss, grads, bn_values)`: `loss` float32 scalar (unscaled); `grads` float32, one per
+    variable, unscaled, zeros for unconnected variables (Inf/NaN where float16 overflowed);
+    `bn_values` is `[mean_0, variance_0, mean_1, ...]` in `model.batch_norm_layers` order.
   """
   with collect_batch_norm_updates() as updates:
     with tf.GradientTape() as tape:
       nll = nll_fn()
       loss = tf.nn.compute_average_loss(nll, global_batch_size=global_batch)
+      scaled = loss if loss_scale is None else loss * loss_scale
     updates.freeze()  # tf.recompute_grad replays the forward pass during tape.gradient
-    grads = tape.gradient(loss, variables)
+    grads = tape.gradient(scaled, variables)
   grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+  if loss_scale is not None:
+    inverse = tf.math.reciprocal(loss_scale)  # exact: the scale is a power of 2
+    grads = [g * inverse for g in grads]
   return loss, grads, updates.new_values(model.batch_norm_layers)
 
 
@@ -99,6 +121,7 @@ def make_train_step(
   seed_fn: Callable[[tf.Variable], tf.Tensor],
   learning_rate_fn: Callable[[tf.Variable], tf.Tensor],
   jit_compile: bool = False,
+  loss_scale: Optional[DynamicLossScale] = None,
 ) -> Callable:
   """Builds `train_step(iterator) -> {loss, grad_norm, finite, skip_reason, learning_rate}`.
 
@@ -119,6 +142,10 @@ def make_train_step(
     learning_rate_fn: the learning rate at `step` (reported).
     jit_compile: XLA-compile the per-replica loss-and-gradient function (`xla.jit`: traced
       under `xla.compatible()`, so the model takes its XLA-compilable paths).
+    loss_scale: a `precision.DynamicLossScale` (float16 training; made in the strategy's scope)
+      or None. Every step scales the loss by it, and updates it after the verdict: an overflow
+      (non-finite gradient with a finite loss while the scale is above its minimum) is skipped
+      with `skip_reason == LOSS_SCALE_OVERFLOW` and halves it.
 
   Returns:
     A `tf.function` returning `loss` (the global mean, nats), `grad_norm`, `finite` (the update
@@ -130,8 +157,10 @@ def make_train_step(
       # strategy.extended.update needs the tf.Variable (a MirroredVariable) inside Keras's.
       bn_variables.append(v.value if isinstance(v, keras.Variable) else v)
 
-  def loss_and_grads(images, noise):
-    return replica_loss_and_grads(model, variables, lambda: nll_fn(images, noise), global_batch)
+  def loss_and_grads(images, noise, scale):
+    return replica_loss_and_grads(
+      model, variables, lambda: nll_fn(images, noise), global_batch, scale
+    )
 
   if jit_compile:
     # XLA on the per-replica math only (ecosystem.md 5.1); the update stays outside.
@@ -157,7 +186,8 @@ def make_train_step(
   def replica_step(images, seed):
     ctx = tf.distribute.get_replica_context()
     noise = noise_fn(images, seed, ctx.replica_id_in_sync_group)
-    loss, grads, bn_values = loss_and_grads(images, noise)
+    scale = None if loss_scale is None else tf.convert_to_tensor(loss_scale.scale)
+    loss, grads, bn_values = loss_and_grads(images, noise, scale)
     loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
     if bn_values:
       bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
@@ -177,6 +207,10 @@ def make_train_step(
     skip_reason = tf.constant(0, tf.int32)
     for code in reversed(range(len(checks))):  # the first failing check names the cause
       skip_reason = tf.where(checks[code], skip_reason, tf.constant(code + 1, tf.int32))
+    if loss_scale is not None:
+      overflow = tf.equal(skip_reason, SKIP_REASONS.index('non-finite gradient'))
+      overflow &= loss_scale.can_shrink()
+      skip_reason = tf.where(overflow, tf.constant(LOSS_SCALE_OVERFLOW, tf.int32), skip_reason)
     finite = tf.equal(skip_reason, 0)
     ctx.merge_call(apply_if_finite, args=(grads, bn_values, finite))
     return loss, grad_norm, finite, skip_reason
@@ -189,6 +223,8 @@ def make_train_step(
     first = strategy.experimental_local_results
     loss, grad_norm, finite, skip_reason = [first(x)[0] for x in outputs]
     nonfinite_total.assign_add(tf.cast(tf.logical_not(finite), nonfinite_total.dtype))
+    if loss_scale is not None:
+      loss_scale.update(finite, tf.equal(skip_reason, LOSS_SCALE_OVERFLOW))
     step.assign_add(1)
     return {
       'loss': loss,

@@ -9,7 +9,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tf_denseflow import xla
+from tf_denseflow import kernels, xla
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.checks import check_int
 
@@ -45,7 +45,8 @@ class InvertibleConv1x1(FlowBijector):
   forward (sampling):  x = z @ W^-T                 log-det -H*W*log|det W|
   ```
   i.e. `z[..., o] = sum_i W[o, i] x[..., i]` (PyTorch's `F.conv2d(x, W[:, :, None, None])`).
-  W is initialised to a random orthogonal matrix. `forward_min_event_ndims=3`.
+  W is initialised to a random orthogonal matrix. `forward_min_event_ndims=3`; any float dtype
+  (W is cast to it). The product is a matmul or `tf.nn.conv2d`, as `tf_denseflow.kernels` says.
 
   Variables: `kernel` `[C, C]` (trainable).
 
@@ -77,9 +78,14 @@ class InvertibleConv1x1(FlowBijector):
     return self._channels
 
   def _apply(self, x, matrix):
-    """`x @ matrix^T` on the channel axis."""
-    flat = tf.reshape(x, [-1, self._channels])
-    return tf.reshape(tf.matmul(flat, matrix, transpose_b=True), tf.shape(x))
+    """`x @ matrix^T` on the channel axis (`kernels.resolve()` picks matmul or conv2d)."""
+    if kernels.resolve() == 'cpu':
+      flat = tf.reshape(x, [-1, self._channels])
+      return tf.reshape(tf.matmul(flat, matrix, transpose_b=True), tf.shape(x))
+    # Any batch shape (`[]`, `[B]`, `[B1, B2]`) as one `[N, H, W, C]` batch for the library op.
+    images = tf.reshape(x, tf.concat([[-1], tf.shape(x)[-3:]], 0))
+    kernel = tf.transpose(matrix)[None, None]  # [1, 1, C_in, C_out]
+    return tf.reshape(tf.nn.conv2d(images, kernel, 1, 'VALID'), tf.shape(x))
 
   def _log_det(self, x, kernel):
     hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], x.dtype)

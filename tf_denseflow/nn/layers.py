@@ -2,8 +2,9 @@
 
 Layers build their weights in the constructor (shapes are known there), so a model is complete
 as soon as it is constructed. Weights are created through `add_weight`, so checkpoints key them
-by attribute path. Compute runs in `compute_dtype` ('float32' or 'bfloat16'); weights stay
-float32 and are cast on use.
+by attribute path. Compute runs in `compute_dtype` ('float32', 'bfloat16' or 'float16'); weights
+stay float32 and are cast on use; batch-norm statistics are always float32. Which convolution
+kernels `Conv` traces (CPU-tuned matmuls or `tf.nn.conv2d`) is `tf_denseflow.kernels`' switch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tf_denseflow import kernels
 
 __all__ = [
   'BatchNorm',
@@ -146,8 +149,16 @@ def conv3x3_same(x: tf.Tensor, kernel: tf.Tensor):
 class Conv(Layer):
   """2-D convolution, NHWC, with PyTorch's default init or zeros, and an optional ReLU.
 
-  1x1 convolutions with stride 1 run as a matmul on the `[N*H*W, C]` view, and 3x3 'same'
-  convolutions with stride 1 differentiate through `conv3x3_same` (both faster on CPU).
+  `x` `[N, H, W, in_channels]` (any float dtype, cast to `compute_dtype`) -> `[N, H', W',
+  out_channels]` in `compute_dtype`. With the 'cpu' kernels (`tf_denseflow.kernels`, the default
+  on a machine without a GPU), 1x1 convolutions with stride 1 run as a matmul on the
+  `[N*H*W, C]` view and 3x3 'same' convolutions with stride 1 differentiate through
+  `conv3x3_same` (both faster on CPU); with the 'library' kernels every convolution is
+  `tf.nn.conv2d` (cuDNN on a GPU).
+
+  Raises:
+    ValueError: at construction, an unknown `activation`; when called, an input whose last
+      dimension is not `in_channels`.
   """
 
   def __init__(
@@ -200,14 +211,16 @@ class Conv(Layer):
     x = tf.cast(x, dtype)
     kernel = tf.cast(self.kernel, dtype)
     bias = None if self.bias is None else tf.cast(self.bias, dtype)
-    if self.kernel_size == 1 and self.strides == 1:
+    cpu_kernels = kernels.resolve() == 'cpu'
+    if cpu_kernels and self.kernel_size == 1 and self.strides == 1:
       # Bias and activation on the flat view, so grappler fuses them into the matmul.
       flat = tf.reshape(x, [-1, self.in_channels])
       y = tf.matmul(flat, tf.reshape(kernel, [self.in_channels, self.out_channels]))
       y = self._bias_and_activation(y, bias)
       return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_channels]], 0))
     if (
-      self.kernel_size == 3
+      cpu_kernels
+      and self.kernel_size == 3
       and self.strides == 1
       and self.padding == 'SAME'
       and x.shape.rank == 4
@@ -274,7 +287,9 @@ _COLLECTORS = threading.local()
 
 
 @contextlib.contextmanager
-def collect_batch_norm_updates() -> Iterator[BatchNormUpdates]:
+def collect_batch_norm_updates(
+  updates: Optional[BatchNormUpdates] = None,
+) -> Iterator[BatchNormUpdates]:
   """Within this context `BatchNorm(training=True)` records, not assigns, its running statistics.
 
   A training step that must not assign inside its loss function uses it: a replica function of
@@ -293,7 +308,7 @@ def collect_batch_norm_updates() -> Iterator[BatchNormUpdates]:
   stack = getattr(_COLLECTORS, 'stack', None)
   if stack is None:
     stack = _COLLECTORS.stack = []
-  updates = BatchNormUpdates()
+  updates = BatchNormUpdates() if updates is None else updates
   stack.append(updates)
   try:
     yield updates
@@ -347,16 +362,20 @@ class BatchNorm(Layer):
       mean, variance = tf.nn.moments(x32, axes=[0, 1, 2])
       count = tf.cast(tf.reduce_prod(tf.shape(x32)[:-1]), tf.float32)
       unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-      collector = _active_collector()
-      if collector is not None:
-        collector.record(self, mean, unbiased)
-      else:
-        m = self.momentum
-        self.moving_mean.assign((1.0 - m) * self.moving_mean + m * tf.stop_gradient(mean))
-        self.moving_variance.assign(
-          (1.0 - m) * self.moving_variance + m * tf.stop_gradient(unbiased)
-        )
+      self.update_statistics(mean, unbiased)
     else:
       mean, variance = self.moving_mean, self.moving_variance
     y = tf.nn.batch_normalization(x32, mean, variance, self.beta, self.gamma, self.epsilon)
     return tf.cast(y, dtype)
+
+  def update_statistics(self, mean: tf.Tensor, unbiased_variance: tf.Tensor) -> None:
+    """Running statistics after a batch: recorded in `collect_batch_norm_updates()`, else assigned."""
+    collector = _active_collector()
+    if collector is not None:
+      collector.record(self, mean, unbiased_variance)
+      return
+    m = self.momentum
+    self.moving_mean.assign((1.0 - m) * self.moving_mean + m * tf.stop_gradient(mean))
+    self.moving_variance.assign(
+      (1.0 - m) * self.moving_variance + m * tf.stop_gradient(unbiased_variance)
+    )
