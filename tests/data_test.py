@@ -388,19 +388,31 @@ class TrainDatasetTest(tf.test.TestCase, parameterized.TestCase):
     resumed = _batches(data.make_train_dataset(config, 5, seed=1, skip_batches=skip), 3)
     self.assertAllEqual(np.stack(stream[skip:]), np.stack(resumed))
 
-  def test_input_context_gives_disjoint_shards(self):
-    _, train, _ = _tfds_fixture()
-    config = _cifar_config(augmentation='none')
-    shards = []
-    for pipeline in range(2):
+  @parameterized.parameters(
+    dict(pipelines=2, replicas=2, skip=0),
+    dict(pipelines=3, replicas=3, skip=2),
+    dict(pipelines=2, replicas=4, skip=0),
+    dict(pipelines=2, replicas=4, skip=6),
+  )
+  def test_pipelines_cut_the_one_stream(self, pipelines, replicas, skip):
+    # Multi-worker: pipeline p yields the per-replica batches of its replicas, cut from the
+    # stream one pipeline gives, so every step sees the same examples for any worker count.
+    config = _cifar_config()  # 12 examples, batches of 2 run across epochs
+    local = replicas // pipelines
+    steps = 3
+    first_step = skip // local
+    stream = _batches(data.make_train_dataset(config, 2, seed=3), (first_step + steps) * replicas)
+    for pipeline in range(pipelines):
       context = tf.distribute.InputContext(
-        num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2
+        num_input_pipelines=pipelines, input_pipeline_id=pipeline, num_replicas_in_sync=replicas
       )
-      ds = data.make_train_dataset(config, 3, input_context=context, seed=0)
-      shards.append(_as_set(np.stack(_batches(ds, 2))))  # 2 batches of 3 = one epoch of 6
-    self.assertLen(shards[0], _NUM_CIFAR_TRAIN // 2)
-    self.assertEmpty(shards[0] & shards[1])
-    self.assertEqual(shards[0] | shards[1], _as_set(train))
+      ds = data.make_train_dataset(config, 2, input_context=context, seed=3, skip_batches=skip)
+      want = [
+        stream[step * replicas + pipeline * local + i]
+        for step in range(first_step, first_step + steps)
+        for i in range(local)
+      ]
+      self.assertAllEqual(np.stack(_batches(ds, steps * local)), np.stack(want))
 
   def test_unseeded_stream(self):
     ds = data.make_train_dataset(_cifar_config(), 4, seed=None)

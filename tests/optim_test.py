@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from tf_denseflow import optim
+from tf_denseflow import cluster, optim
 from tf_denseflow.optim import Adamax
 
 
@@ -54,7 +54,7 @@ class AdamaxTest(tf.test.TestCase, parameterized.TestCase):
     devices = [d.name for d in tf.config.list_logical_devices('CPU')][:2]
     self.assertLen(devices, 2)
     want, want_slots, _, _ = _run(keras.optimizers.Adamax, tf.distribute.get_strategy())
-    got, got_slots, _, _ = _run(Adamax, tf.distribute.MirroredStrategy(devices))
+    got, got_slots, _, _ = _run(Adamax, cluster.mirrored_strategy(devices))
     for a, b in zip(got + got_slots, want + want_slots):
       self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
 

@@ -186,6 +186,36 @@ class TrainLoopTest(_TestCase):
     fresh = train_lib.train(_config('cifar10', 1, steps=1), self._new_dir())
     self.assertAllClose(fresh.losses[0][1], two.losses[0][1], rtol=1e-6)
 
+  def test_one_device_strategy_equals_one_mirrored_replica(self):
+    one_device = train_lib.train(_config(num_cpu_devices=0, strategy='one_device'), self._new_dir())
+    mirrored = train_lib.train(_config(num_cpu_devices=0), self._new_dir())
+    self.assertEqual(one_device.losses, mirrored.losses)
+    for a, b in zip(_state(one_device), _state(mirrored), strict=True):
+      self.assertAllEqual(a, b)
+
+  def test_float16_loss_scale_search_does_not_stop_the_run_and_is_checkpointed(self):
+    # The scale starts at 2**15 and halves on every overflow: the first steps may all be skipped,
+    # more in a row than max_consecutive_nonfinite, without stopping the run.
+    config = _config(
+      steps=6,
+      model=dataclasses.replace(_micro_model(8), coupling_dtype='float16'),
+      optim=train_lib.OptimConfig(
+        global_batch_size=4,
+        warmup_steps=2,
+        train_steps=6,
+        finetune_steps=0,
+        max_consecutive_nonfinite=1,
+      ),
+    )
+    self.assertEqual(config.precision, 'float16')
+    workdir = self._new_dir()
+    result = train_lib.train(config, workdir)
+    self.assertEqual(result.step, 6)
+    self.assertGreater(result.nonfinite_steps, 1)  # overflows in a row, the scale searched down
+    self.assertTrue(all(np.all(np.isfinite(v)) for v in _state(result)))
+    names = [name for name, _ in tf.train.list_variables(result.checkpoint)]
+    self.assertTrue(any(name.startswith('loss_scale/') for name in names), names)
+
   def test_actnorm_is_initialised_identically_on_both_replicas(self):
     strategy = train_lib.make_strategy(num_cpu_devices=2)
     config = _micro_model(8)

@@ -99,6 +99,9 @@ def main(argv: Sequence[str]) -> None:
     print(f'stopped by {result.stopped_by} at step {result.step}')
     print(f'checkpoint: {result.checkpoint}')
     sys.exit(143)
+  if not result.is_chief:  # the chief evaluates, samples and exports for the run
+    print(f'done at step {result.step} (not the chief: the chief writes {FLAGS.workdir})')
+    return
   exported = _export(FLAGS.workdir, config.export_dir) if config.export_dir else None
   if result.test_bpd is not None:
     print(f'test bits/dim: {result.test_bpd:.4f} (single-sample ELBO, step {result.step})')

@@ -17,13 +17,17 @@ import tensorflow as tf
 from tf_denseflow import data as data_lib
 from tf_denseflow.checks import (
   FLOAT32_TINY,
+  INT32_MAX,
   INT64_MAX,
   INT64_MIN,
   MAX_CPU_DEVICES,
   MAX_STEPS,
 )
+from tf_denseflow.cluster import STRATEGIES
+from tf_denseflow.config import COUPLING_DTYPES as PRECISIONS
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.config_flags import check_fields, hparam, values_from_flags
+from tf_denseflow.kernels import CONV_KERNELS
 from tf_denseflow.optim import WarmupSchedule  # noqa: F401 -- re-exported: the schedule of OptimConfig
 from tf_denseflow.workdir import (  # noqa: F401 -- re-exported: the run directory's file names
   METRICS_FILE,
@@ -41,6 +45,7 @@ __all__ = [
   'TRAIN_CONFIG_FILE',
   'TrainConfig',
   'TrainingError',
+  'WorkerLostError',
   'data_config_from_json',
   'load_train_config',
   'model_config_from_flags',
@@ -57,6 +62,10 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
   """Training cannot continue (too many non-finite steps, non-finite weights)."""
+
+
+class WorkerLostError(TrainingError):
+  """A multi-worker run lost a worker (it died, hung, or cannot be reached); restart them all."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -170,10 +179,17 @@ class TrainConfig:
     seed: seed of the weights, the data order and every noise draw.
     noise_seeding: 'global_batch' (replica-count invariant) or 'per_replica'.
     jit_compile: XLA-compile the per-replica loss-and-gradient function.
+    precision: compute dtype of the coupling networks ('float32', 'bfloat16', 'float16'), always
+      equal to `model.coupling_dtype` (None at construction: taken from the model); 'float16'
+      trains with a `precision.DynamicLossScale`.
+    conv_kernels: 'auto', 'cpu' or 'library' (`tf_denseflow.kernels`).
     steps_per_loop: training steps per `tf.function` call (orbit's inner loop): one host sync
       per `steps_per_loop` steps, so an accelerator is not idled by the host every step.
       Logging, evaluation, checkpoint and sample intervals are rounded to whole loops.
     num_cpu_devices: train on this many logical CPU devices (0: all GPUs, else one CPU).
+    strategy: 'auto', 'mirrored', 'one_device' or 'multi_worker' (`cluster.make_strategy`).
+    cluster_wait_s: multi-worker start-up limit, seconds (0: none).
+    collective_timeout_s: multi-worker limit of one collective's wait, seconds (0: none).
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: checkpoints to keep.
     eval_every: steps between test-split evaluations (0: only at the end).
@@ -211,6 +227,19 @@ class TrainConfig:
     'XLA-compile the per-replica loss-and-gradient function (GPU or CPU devices; see '
     'docs/benchmarks.md for when it pays off).',
   )
+  precision: Optional[str] = hparam(
+    None,
+    'Compute dtype of the coupling networks: float32, bfloat16, or float16 (trained with '
+    'dynamic loss scaling); weights, batch-norm statistics and the bijector math stay float32. '
+    "Sets the model's coupling_dtype (default: --coupling_dtype, float32).",
+    choices=PRECISIONS,
+  )
+  conv_kernels: str = hparam(
+    'auto',
+    'Convolution kernels: cpu (matmul-based, measured faster on CPUs), library (tf.nn.conv2d, '
+    'cuDNN on GPUs), auto = library when a GPU is visible, else cpu (tf_denseflow.kernels).',
+    choices=CONV_KERNELS,
+  )
   steps_per_loop: int = hparam(
     1,
     "Training steps per tf.function call (orbit's inner loop): one host sync per loop, so an "
@@ -224,6 +253,28 @@ class TrainConfig:
     '(multi-replica runs without GPUs); 0 = all GPUs, or the CPU when there is none.',
     minimum=0,
     maximum=MAX_CPU_DEVICES,
+  )
+  strategy: str = hparam(
+    'auto',
+    'auto: multi_worker when TF_CONFIG names a cluster (or a Slurm job has several tasks), '
+    'else mirrored; mirrored: all local GPUs (or the CPU); one_device: the first GPU (or the '
+    'CPU); multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG (docs/distributed.md).',
+    choices=STRATEGIES,
+  )
+  cluster_wait_s: int = hparam(
+    600,
+    'Multi-worker: seconds to wait at start-up for every worker of the cluster (then stop with '
+    'an error); 0 = no limit.',
+    minimum=0,
+    maximum=INT32_MAX,
+  )
+  collective_timeout_s: int = hparam(
+    1800,
+    'Multi-worker: seconds a collective may wait for the other workers (a hung worker; a dead '
+    'one is noticed in about 10 s); it must exceed the longest pause of the chief alone (first '
+    'trace, sample grids); 0 = no limit.',
+    minimum=0,
+    maximum=INT32_MAX,
   )
   checkpoint_every: int = hparam(
     2000,
@@ -274,6 +325,13 @@ class TrainConfig:
 
   def __post_init__(self):
     check_fields(self, ConfigError)
+    if self.precision is None:  # frozen: the effective precision is recorded either way
+      object.__setattr__(self, 'precision', self.model.coupling_dtype)
+    elif self.precision != self.model.coupling_dtype:
+      raise ConfigError(
+        f'--precision={self.precision} disagrees with the model coupling_dtype '
+        f'{self.model.coupling_dtype!r}; give one of the two.'
+      )
     expected = data_lib.image_shape(self.data)
     if tuple(self.model.image_shape) != tuple(expected):
       raise ConfigError(
@@ -309,6 +367,13 @@ class TrainConfig:
       raise ConfigError(str(e)) from None
     model = model_config_from_flags(fv, image_shape)
     values = values_from_flags(cls, fv)
+    if values.get('precision') is not None and values['precision'] != model.coupling_dtype:
+      if 'coupling_dtype' in fv and not fv['coupling_dtype'].using_default_value:
+        raise ConfigError(
+          f'--precision={values["precision"]} and --coupling_dtype={fv.coupling_dtype} disagree; '
+          'give one of the two.'
+        )
+      model = dataclasses.replace(model, coupling_dtype=values['precision'])
     if fv.export and not values.get('export_dir'):
       values['export_dir'] = os.path.join(fv.workdir, 'export') if fv.workdir else None
     optim = OptimConfig(**values_from_flags(OptimConfig, fv))

@@ -50,14 +50,15 @@ in evaluation mode (running statistics).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import tensorflow as tf
 from absl import logging
 
+from tf_denseflow import cluster, kernels, summaries, train_loop
 from tf_denseflow import data as data_lib
-from tf_denseflow import summaries, train_loop
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.seeds import step_seed  # noqa: F401 -- re-exported
@@ -70,6 +71,7 @@ from tf_denseflow.train_config import (  # noqa: F401 -- re-exported: the public
   TrainConfig,
   TrainingError,
   WarmupSchedule,
+  WorkerLostError,
   data_config_from_json,
   load_train_config,
   model_config_from_flags,
@@ -93,6 +95,7 @@ __all__ = [
   'Trainer',
   'TrainingError',
   'WarmupSchedule',
+  'WorkerLostError',
   'configure_cpu_devices',
   'data_config_from_json',
   'load_train_config',
@@ -132,24 +135,31 @@ def configure_cpu_devices(num_devices: int) -> None:
       ) from None
 
 
-def make_strategy(num_cpu_devices: int = 0) -> tf.distribute.MirroredStrategy:
-  """MirroredStrategy over `num_cpu_devices` logical CPUs, else all GPUs, else the CPU.
+def make_strategy(
+  num_cpu_devices: int = 0,
+  kind: str = 'mirrored',
+  *,
+  cluster_wait_s: int = 600,
+  collective_timeout_s: int = 1800,
+) -> tf.distribute.Strategy:
+  """The run's strategy (`cluster.make_strategy`): by default MirroredStrategy over
+  `num_cpu_devices` logical CPUs, else all GPUs, else the CPU.
 
   Raises:
-    ConfigError: fewer logical CPUs than requested.
+    ConfigError: the strategy cannot be built (fewer logical CPUs than requested, a bad
+      TF_CONFIG, multi_worker without a cluster).
   """
-  if num_cpu_devices > 0:
-    configure_cpu_devices(num_cpu_devices)
-    cpus = tf.config.list_logical_devices('CPU')
-    if len(cpus) < num_cpu_devices:
-      raise ConfigError(
-        f'--num_cpu_devices={num_cpu_devices} but only {len(cpus)} logical CPU(s) exist.'
-      )
-    return tf.distribute.MirroredStrategy([d.name for d in cpus[:num_cpu_devices]])
-  gpus = tf.config.list_logical_devices('GPU')
-  if gpus:
-    return tf.distribute.MirroredStrategy([d.name for d in gpus])
-  return tf.distribute.MirroredStrategy([tf.config.list_logical_devices('CPU')[0].name])
+  try:
+    if num_cpu_devices > 0 and kind in ('auto', 'mirrored'):
+      configure_cpu_devices(num_cpu_devices)
+    return cluster.make_strategy(
+      kind,
+      num_cpu_devices,
+      cluster_wait_s=cluster_wait_s,
+      collective_timeout_s=collective_timeout_s,
+    )
+  except cluster.ClusterError as e:
+    raise ConfigError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -162,7 +172,10 @@ def train(
   *,
   step_callback: Optional[Callable[[int, Dict[str, float], DenseFlow], None]] = None,
 ) -> TrainResult:
-  """Trains (or resumes) a DenseFlow in `workdir` with MirroredStrategy.
+  """Trains (or resumes) a DenseFlow in `workdir` under `config.strategy` (`cluster.py`).
+
+  In a multi-worker run every worker calls this with the same config and the same (shared)
+  `workdir`; only the chief writes there (docs/distributed.md).
 
   Args:
     config: the run's settings.
@@ -178,23 +191,32 @@ def train(
   Raises:
     ConfigError: the settings cannot work (checked before any training).
     TrainingError: too many non-finite steps in a row, or non-finite weights.
+    WorkerLostError: (a `TrainingError`) a multi-worker run lost a worker.
     KeyboardInterrupt: after saving a checkpoint (when the weights are finite).
     data.DatasetNotFoundError: the dataset is not prepared.
   """
   if not workdir:
     raise ConfigError('--workdir is required.')
-  strategy = make_strategy(config.num_cpu_devices)
+  strategy = make_strategy(
+    config.num_cpu_devices,
+    config.strategy,
+    cluster_wait_s=config.cluster_wait_s,
+    collective_timeout_s=config.collective_timeout_s,
+  )
+  worker = cluster.worker_info(strategy)
   replicas = strategy.num_replicas_in_sync
   devices = strategy.extended.worker_devices
   global_batch = config.optim.global_batch_size
   for flag, batch in (('global', global_batch), ('eval', config.eval_batch_size or global_batch)):
     if batch % replicas:
       raise ConfigError(f'--{flag}_batch_size={batch} is not divisible by the {replicas} replicas.')
-  resuming = _prepare_workdir(workdir, config)
-  logging.info('Training on %d replica(s): %s', replicas, ', '.join(devices))
-  print(
-    f'replicas: {replicas} ({", ".join(devices)}); per-replica batch {global_batch // replicas}'
-  )
+  resuming = _prepare_workdir(workdir, config, write=worker.is_chief)
+  where = ', '.join(devices)
+  if worker.num_workers > 1:
+    role = 'chief' if worker.is_chief else 'not the chief'
+    where = f'{worker.num_workers} workers; this one, {worker.name} ({role}): {where}'
+  logging.info('Training on %d replica(s): %s', replicas, where)
+  print(f'replicas: {replicas} ({where}); per-replica batch {global_batch // replicas}')
   try:  # both splits, before any step: every image file decodes, shapes and dtypes fit
     data_lib.check_data(config.data)
   except data_lib.BadDataError as e:
@@ -204,10 +226,11 @@ def train(
     num_train = data_lib.num_examples(config.data, 'train') or global_batch
     steps_per_epoch = math.ceil(num_train / global_batch)
 
+  kernels.set_conv_kernels(config.conv_kernels)  # read when the functions are traced
   trainer = Trainer(config, strategy, workdir, WarmupSchedule(config.optim, steps_per_epoch))
   start_step = trainer.restore_or_initialize(resuming)
   if resuming:
-    path = trainer.manager.latest_checkpoint
+    path = trainer.latest_checkpoint
     logging.info('Resumed at step %d from %s', start_step, path)
     print(f'resumed at step {start_step} from {path}')
   logging.info('%d trainable parameters', trainer.model.num_parameters())
@@ -215,23 +238,25 @@ def train(
     step=start_step,
     start_step=start_step,
     num_replicas=replicas,
+    is_chief=worker.is_chief,
     model=trainer.model,
     optimizer=trainer.optimizer,
     nonfinite_steps=int(trainer.nonfinite_steps.numpy()),
   )
-  reporter = train_loop.Reporter(config, workdir, result)
-  train_loop.run(trainer, reporter, step_callback)
+  reporter = train_loop.Reporter(config, workdir, result, write=worker.is_chief)
+  with _worker_faults(trainer):
+    train_loop.run(trainer, reporter, step_callback)
 
-  # End of run: the last checkpoint, then (unless stopped) the final evaluation and samples.
-  current = int(trainer.step.numpy())
-  result.step = current
-  result.checkpoint = trainer.save(current)
-  if result.stopped_by:
-    return result
-  if trainer.can_evaluate:
-    result.test_bpd = trainer.evaluate()
-    reporter.log_eval(current, result.test_bpd)
-  if config.num_grid_samples:
+    # End of run: the last checkpoint, then (unless stopped) the final evaluation and samples.
+    current = int(trainer.step.numpy())
+    result.step = current
+    result.checkpoint = trainer.save(current)
+    if result.stopped_by:
+      return result
+    if trainer.can_evaluate:
+      result.test_bpd = trainer.evaluate()
+      reporter.log_eval(current, result.test_bpd)
+  if config.num_grid_samples and worker.is_chief:
     images = trainer.draw_samples()
     summaries.write_image_grid(reporter.writer, 'samples', images, current)
     result.samples = summaries.save_png(
@@ -241,11 +266,52 @@ def train(
   return result
 
 
-def _prepare_workdir(workdir: str, config: TrainConfig) -> bool:
+# What a collective raises on the workers that are left when a worker dies or hangs.
+_LOST_WORKER_ERRORS = (
+  tf.errors.UnavailableError,
+  tf.errors.AbortedError,
+  tf.errors.DeadlineExceededError,
+  tf.errors.CancelledError,
+  tf.errors.FailedPreconditionError,
+  tf.errors.InternalError,
+)
+
+
+@contextlib.contextmanager
+def _worker_faults(trainer: Trainer) -> Iterator[None]:
+  """In a multi-worker run, turns a collective aborted by a lost worker into `WorkerLostError`."""
+  worker = trainer.worker
+  try:
+    yield
+  except _LOST_WORKER_ERRORS as e:
+    if worker.num_workers == 1:
+      raise
+    cause = _lost_worker_cause(e)
+    raise WorkerLostError(
+      f'{worker.name} of {worker.num_workers} workers: the cluster lost a worker at step '
+      f'{int(trainer.step.numpy())} ({cause}); the run stops. Restart every worker with the '
+      f'same command: they resume from {trainer.latest_checkpoint}.'
+    ) from None
+
+
+def _lost_worker_cause(error: BaseException) -> str:
+  """The part of a collective's error that names the lost worker, on one line."""
+  text = ' '.join(str(error).split())
+  for marker in ('The following tasks are unhealthy', 'Error reported from', 'failed to connect'):
+    if marker in text:
+      text = text[text.find(marker) :]
+      break
+  cut = text.find(' The tasks have crashed')
+  return text[: cut if cut > 0 else 240][:240]
+
+
+def _prepare_workdir(workdir: str, config: TrainConfig, write: bool = True) -> bool:
   """`workdir.prepare_train_workdir` with the errors of a bad `--workdir` as `ConfigError`."""
   previous = load_train_config(workdir)
   try:
-    return workdir_lib.prepare_train_workdir(workdir, config.model, config.to_json(), previous)
+    return workdir_lib.prepare_train_workdir(
+      workdir, config.model, config.to_json(), previous, write=write
+    )
   except workdir_lib.CheckpointError as e:
     raise ConfigError(str(e)) from None
   except (OSError, tf.errors.OpError) as e:

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_denseflow import summaries
+from tf_denseflow import cluster, summaries
 from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
@@ -48,10 +48,13 @@ class TrainResult:
     checkpoint: the last checkpoint path.
     samples: the final sample grid PNG (None without samples).
     nonfinite_steps: skipped steps over the whole run (checkpointed).
-    stopped_by: None when the schedule finished, else 'SIGTERM' or 'KeyboardInterrupt'.
+    stopped_by: None when the schedule finished, else 'SIGTERM', 'SIGTERM (another worker)' or
+      'KeyboardInterrupt'.
     losses: `(step, loss in nats)` of every step of this run.
     evals: `(step, seconds since start, test bits/dim)` of every evaluation of this run.
     num_replicas: replicas in sync.
+    is_chief: whether this process wrote the run directory (False on the other workers of a
+      multi-worker run).
     model: the trained model (its variables are mirrored under the run's strategy).
     optimizer: the optimizer (its `iterations` counts the applied updates).
   """
@@ -66,6 +69,7 @@ class TrainResult:
   losses: List[Tuple[int, float]] = dataclasses.field(default_factory=list)
   evals: List[Tuple[int, float, float]] = dataclasses.field(default_factory=list)
   num_replicas: int = 1
+  is_chief: bool = True
   model: Optional[DenseFlow] = None
   optimizer: Optional[keras.optimizers.Optimizer] = None
 
@@ -106,8 +110,12 @@ class _SkipStreak:
     Raises:
       TrainingError: `limit` steps in a row were skipped.
     """
+    code = int(out['skip_reason'])
+    reason = train_step_lib.SKIP_REASONS[code]
+    if code == train_step_lib.LOSS_SCALE_OVERFLOW:  # float16's scale search: expected, not a streak
+      logging.info('step %d: %s; update skipped.', step, reason)
+      return
     self.length += 1
-    reason = train_step_lib.SKIP_REASONS[int(out['skip_reason'])]
     self.reasons[reason] = self.reasons.get(reason, 0) + 1
     learning_rate = float(out['learning_rate'])
     logging.warning(
@@ -134,12 +142,19 @@ class _SkipStreak:
 
 
 class Reporter:
-  """TensorBoard scalars, `metrics.jsonl`, the progress bar, and the window of train losses."""
+  """TensorBoard scalars, `metrics.jsonl`, the progress bar, and the window of train losses.
 
-  def __init__(self, config: TrainConfig, workdir: str, result: TrainResult):
+  Only the chief of a multi-worker run writes (`write=False` elsewhere: no files, no bar).
+  """
+
+  def __init__(self, config: TrainConfig, workdir: str, result: TrainResult, write: bool = True):
     self.config = config
     self.result = result
-    self.writer = tf.summary.create_file_writer(workdir_lib.tensorboard_dir(workdir))
+    self.write = write
+    if write:
+      self.writer = tf.summary.create_file_writer(workdir_lib.tensorboard_dir(workdir))
+    else:
+      self.writer = tf.summary.create_noop_writer()
     self.metrics_path = workdir_lib.metrics_path(workdir)
     self.run_start = time.time()
     self.progress = None  # created after the first loop, so that tracing does not skew the ETA
@@ -158,11 +173,14 @@ class Reporter:
   def advance(self, current: int, num_steps: int) -> None:
     """Moves the progress bar to `current` after a loop of `num_steps`."""
     if self.progress is None:
-      self.progress = _progress_bar(self.config, current, self.config.optim.total_steps)
+      if self.write:
+        self.progress = _progress_bar(self.config, current, self.config.optim.total_steps)
     else:
       self.progress.update(num_steps)
 
   def _append(self, record: Dict) -> None:
+    if not self.write:
+      return
     with tf.io.gfile.GFile(self.metrics_path, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
@@ -249,7 +267,7 @@ def run(
             streak.applied()
           else:
             result.nonfinite_steps += 1
-            streak.skipped(step, out, result.nonfinite_steps, trainer.manager.latest_checkpoint)
+            streak.skipped(step, out, result.nonfinite_steps, trainer.latest_checkpoint)
           reporter.step(float(out['loss']), bool(out['finite']))
         metrics = {
           'loss': float(out['loss']),
@@ -272,14 +290,16 @@ def run(
         if (
           current < total
           and config.num_grid_samples
+          and trainer.worker.is_chief
           and _crossed(previous, current, config.sample_every)
         ):
           summaries.write_image_grid(reporter.writer, 'samples', trainer.draw_samples(), current)
         if step_callback is not None:
           step_callback(current, metrics, trainer.model)
-        if stop.received:
-          result.stopped_by = stop.received
-          logging.warning('%s received: stopping at step %d.', stop.received, current)
+        # A signal on any worker stops every worker after the same step (one all-reduce).
+        if cluster.any_worker(trainer.strategy, stop.received is not None):
+          result.stopped_by = stop.received or 'SIGTERM (another worker)'
+          logging.warning('%s received: stopping at step %d.', result.stopped_by, current)
           break
     except KeyboardInterrupt:
       result.stopped_by = 'KeyboardInterrupt'

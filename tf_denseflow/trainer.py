@@ -15,13 +15,14 @@ folded into the seed instead (cheaper: no redundant draws). Seeds come from `see
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from tf_denseflow import cluster, precision, seeds
 from tf_denseflow import data as data_lib
-from tf_denseflow import seeds
 from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
@@ -116,7 +117,12 @@ class Trainer:
     strategy: the MirroredStrategy every variable lives under.
     model: the flow; `optimizer`: its Adamax; `step`: the global step (int64 variable, counts
       skipped steps too); `nonfinite_steps`: skipped steps (int64 variable).
-    manager: the `tf.train.CheckpointManager` of `WORKDIR/checkpoints`.
+    manager: the `tf.train.CheckpointManager` this worker saves with: `WORKDIR/checkpoints` on
+      the chief, a temporary `WORKDIR/checkpoints/workertemp_<task>` (removed after every save)
+      on the other workers of a multi-worker run.
+    worker: this process's `cluster.WorkerInfo` (chief or not, number of workers).
+    loss_scale: the `precision.DynamicLossScale` of float16 training (checkpointed), else None.
+    checkpoint_dir: `WORKDIR/checkpoints`, where every worker restores from.
   """
 
   def __init__(
@@ -146,17 +152,26 @@ class Trainer:
         learning_rate=lambda: learning_rate_fn(self.step), epsilon=config.optim.adamax_epsilon
       )
       self.optimizer.build(self.model.trainable_variables)
+      # float16: dynamic loss scaling (precision.py); None for float32 and bfloat16.
+      self.loss_scale = precision.loss_scale_for(config.precision)
     self._state = dict(
       model=self.model,
       optimizer=self.optimizer,
       step=self.step,
       nonfinite_steps=self.nonfinite_steps,
     )
+    if self.loss_scale is not None:
+      self._state['loss_scale'] = self.loss_scale
     checkpoint = tf.train.Checkpoint(
       **self._state, model_config=workdir_lib.model_config_variable(config.model)
     )
+    self.worker = cluster.worker_info(strategy)
+    self.checkpoint_dir = workdir_lib.checkpoint_dir(workdir)
+    # Every worker saves (a save may run collectives); only the chief's files stay.
     self.manager = tf.train.CheckpointManager(
-      checkpoint, workdir_lib.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints
+      checkpoint,
+      cluster.write_dir(self.checkpoint_dir, self.worker),
+      max_to_keep=config.keep_checkpoints,
     )
     self._workdir = workdir
     self._saved_step = -1
@@ -166,15 +181,21 @@ class Trainer:
       self.optimizer,
       self.model.trainable_variables,
       lambda images, seed, replica_id: replica_noise(
-        self.model, seed, replica_id, self.global_batch, images.shape[0], config.noise_seeding
+        self.model,
+        seed,
+        replica_id,
+        self.global_batch,
+        self.global_batch // strategy.num_replicas_in_sync,
+        config.noise_seeding,
       ),
-      lambda images, noise: self.replica_loss(images, noise),
+      lambda images, noise: self.replica_loss(self._static_batch(images, self.global_batch), noise),
       self.global_batch,
       self.step,
       self.nonfinite_steps,
       seed_fn=lambda s: seeds.step_seed(config.seed, s),
       learning_rate_fn=learning_rate_fn,
       jit_compile=config.jit_compile,
+      loss_scale=self.loss_scale,
     )
     self._train_loop = None
     if config.steps_per_loop > 1:
@@ -208,7 +229,7 @@ class Trainer:
     """
     config = self.config
     if resuming:
-      path = self.manager.latest_checkpoint
+      path = self.latest_checkpoint
       try:
         workdir_lib.restore_checkpoint(
           path,
@@ -232,7 +253,25 @@ class Trainer:
       )
       with self.strategy.scope():
         self.model.initialize(first, seed=(config.seed, seeds.INIT_STREAM))
-    return int(self.step.numpy())
+      # Every worker computed the same init; the chief's values make it exactly the same.
+      cluster.broadcast_from_chief(self.strategy, self._weights())
+    step = int(self.step.numpy())
+    if not cluster.agree(self.strategy, step):
+      raise ConfigError(
+        f'The workers start at different steps (this one, {self.worker.name}, at {step}): they '
+        f'must all see the same {self.checkpoint_dir} (a shared filesystem).'
+      )
+    return step
+
+  @property
+  def latest_checkpoint(self) -> Optional[str]:
+    """The newest checkpoint in `WORKDIR/checkpoints` (the chief's), or None."""
+    return tf.train.latest_checkpoint(self.checkpoint_dir)
+
+  def _static_batch(self, images: tf.Tensor, global_batch: int) -> tf.Tensor:
+    """`images` with the static per-replica batch (multi-worker datasets leave it unknown)."""
+    size = global_batch // self.strategy.num_replicas_in_sync
+    return tf.ensure_shape(images, [size, *self.config.model.image_shape])
 
   def _weights(self) -> list:
     return self.model.trainable_variables + self.model.non_trainable_keras_variables
@@ -244,16 +283,19 @@ class Trainer:
       TrainingError: a weight is NaN or Inf (nothing is written).
     """
     if step == self._saved_step:
-      return self.manager.latest_checkpoint
+      return self.latest_checkpoint
     bad = workdir_lib.nonfinite_variables(self._weights())
     if bad:
       raise TrainingError(
         f'Non-finite weights at step {step} ({", ".join(bad[:3])}'
         f'{f" and {len(bad) - 3} more" if len(bad) > 3 else ""}): not saving them. The last '
-        f'good checkpoint is {self.manager.latest_checkpoint}.'
+        f'good checkpoint is {self.latest_checkpoint}.'
       )
     path = self.manager.save(checkpoint_number=step)
     self._saved_step = step
+    if not self.worker.is_chief:
+      cluster.remove_write_dir(self.checkpoint_dir, self.worker)
+      path = os.path.join(self.checkpoint_dir, os.path.basename(path))
     return path
 
   # ----------------------------------------------------------------- Training
@@ -309,6 +351,7 @@ class Trainer:
 
     def replica_eval(images, weights):
       ctx = tf.distribute.get_replica_context()
+      images = self._static_batch(images, self.eval_batch)
       nll = negative_elbo(
         self.model,
         images,
@@ -325,7 +368,10 @@ class Trainer:
     return total, strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None)
 
   def draw_samples(self) -> np.ndarray:
-    """`config.num_grid_samples` uint8 samples from the fixed seed `(seed, SAMPLE_STREAM)`."""
+    """`config.num_grid_samples` uint8 samples from the fixed seed `(seed, SAMPLE_STREAM)`.
+
+    No collective runs: in a multi-worker run only the chief draws them.
+    """
     with self.strategy.scope():
       return self._sample(seeds.stream_seed(self.config.seed, seeds.SAMPLE_STREAM)).numpy()
 
@@ -357,6 +403,11 @@ def _distributed_eval_dataset(
     ).repeat(padded - count)
     ds = examples.concatenate(padding).cache()
     ds = ds.batch(ctx.get_per_replica_batch_size(eval_batch), drop_remainder=True)
+    if ctx.num_input_pipelines > 1:  # multi-worker: this worker's replicas' batches only
+      replicas, pipeline = ctx.num_replicas_in_sync, ctx.input_pipeline_id
+      local = replicas // ctx.num_input_pipelines
+      ds = ds.enumerate().filter(lambda j, _: tf.equal((j % replicas) // local, pipeline))
+      ds = ds.map(lambda _, batch: batch)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

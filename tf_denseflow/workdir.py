@@ -167,9 +167,11 @@ def load_model_config(workdir: str) -> DenseFlowConfig:
 
 
 def prepare_train_workdir(
-  workdir: str, config: DenseFlowConfig, train_config: Dict, previous: Dict
+  workdir: str, config: DenseFlowConfig, train_config: Dict, previous: Dict, write: bool = True
 ) -> bool:
   """Checks the workdir's architecture against `config`, writes both configs; True if resuming.
+
+  With `write=False` (the workers of a multi-worker run other than the chief) it only checks.
 
   Args:
     workdir: the run directory (created).
@@ -211,6 +213,8 @@ def prepare_train_workdir(
       logging.warning(
         'Resuming with other data settings: %s (was %s).', train_config['data'], previous['data']
       )
+  if not write:
+    return resuming
   save_model_config(workdir, config)
   atomic_write(
     os.path.join(workdir, TRAIN_CONFIG_FILE), json.dumps(train_config, indent=2, sort_keys=True)

@@ -150,10 +150,14 @@ def make_train_dataset(
     config: the data configuration.
     batch_size: examples per batch of this input pipeline (the per-replica batch under
       `distribute_datasets_from_function`).
-    input_context: with `num_input_pipelines > 1`, this pipeline reads only its shard (an even
-      split of the examples; shards are disjoint).
+    input_context: with `num_input_pipelines > 1` (multi-worker), this pipeline yields only the
+      per-replica batches of its own replicas, cut from the one stream above: global
+      per-replica batch `j` (examples `j * batch_size ...`) goes to replica `j % R` of the `R`
+      replicas, which lives on pipeline `(j % R) // (R / num_input_pipelines)`. So the batches
+      of every step, their noise and their augmentation are the same whatever the number of
+      workers (each pipeline reads the whole stream and augments only its own examples).
     seed: stream seed, or None for a non-reproducible stream.
-    skip_batches: index of the first batch to produce.
+    skip_batches: index of the first batch to produce (of this pipeline's batches).
 
   Returns:
     An infinite `tf.data.Dataset` of uint8 batches, `drop_remainder=True`, prefetched.
@@ -166,22 +170,23 @@ def make_train_dataset(
     raise ValueError(f'`batch_size` must be positive, got {batch_size}.')
   if int(skip_batches) < 0:
     raise ValueError(f'`skip_batches` must be >= 0, got {skip_batches}.')
-  num_shards, shard_index = 1, 0
+  pipelines, pipeline, replicas = 1, 0, 1
   if input_context is not None:
-    num_shards = input_context.num_input_pipelines
-    shard_index = input_context.input_pipeline_id
+    pipelines = input_context.num_input_pipelines
+    pipeline = input_context.input_pipeline_id
+    replicas = input_context.num_replicas_in_sync
+  if pipelines > 1 and replicas % pipelines:
+    raise ValueError(f'{replicas} replicas cannot be split evenly over {pipelines} pipelines.')
   deterministic = seed is not None
   if seed is None:
     seed = random.SystemRandom().randrange(2**31)
   seed = int(seed) % 2**63
 
-  base, size, side = _load(
-    config, 'train', num_shards=num_shards, shard_index=shard_index, file_seed=seed
-  )
+  base, size, side = _load(config, 'train', file_seed=seed)
   if config.cache and size * side * side * 3 <= _MAX_CACHE_BYTES:
     base = base.cache()
 
-  stream_seed = tf.constant([seed, shard_index], tf.int64)
+  stream_seed = tf.constant([seed, 0], tf.int64)
   buffer_size = min(config.shuffle_buffer, size)
 
   def epoch_examples(epoch):
@@ -196,11 +201,24 @@ def make_train_dataset(
       lambda i, x: (x, tf.random.experimental.stateless_fold_in(epoch_seed, i, alg='philox'))
     )
 
-  first_example = int(skip_batches) * int(batch_size)
+  # Position in the one stream: this pipeline's batch `skip_batches` is global per-replica
+  # batch `(skip_batches // local) * replicas + pipeline * local + skip_batches % local`.
+  local = replicas // pipelines
+  steps, within = divmod(int(skip_batches), local)
+  first_batch = steps * replicas + (pipeline * local + within if pipelines > 1 else within)
+  first_example = first_batch * int(batch_size)
   first_epoch, offset = divmod(first_example, size)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_examples)
   if offset:
     ds = ds.skip(offset)
+  if pipelines > 1:
+    per_batch = int(batch_size)
+
+    def own(n, _):  # n counts examples from `first_example`
+      replica = ((first_batch + n // per_batch) % replicas) // local
+      return tf.equal(replica, pipeline)
+
+    ds = ds.enumerate().filter(own).map(lambda _, element: element)
   augmentation = config.augmentation
   ds = ds.map(lambda x, s: augment(x, s, augmentation), num_parallel_calls=_AUTOTUNE)
   ds = ds.batch(int(batch_size), drop_remainder=True)
@@ -256,22 +274,18 @@ def _load(
   config: DataConfig,
   split: str,
   *,
-  num_shards: int = 1,
-  shard_index: int = 0,
   file_seed: int | None = None,
 ) -> tuple[tf.data.Dataset, int, int]:
-  """Unbatched uint8 images of one split (or one shard of it), their number and side."""
+  """Unbatched uint8 images of one split, their number and side."""
   check_split(split)
   source = resolve(config)
   size = source.image_size
   if source.files is not None:
-    files = source.files[split][shard_index::num_shards]
+    files = source.files[split]
     ds = tf.data.Dataset.from_tensor_slices(list(files))
     count = len(files)
   else:
     split_arg = source.split_name(split)
-    if num_shards > 1:
-      split_arg = tfds.even_splits(split_arg, num_shards)[shard_index]
     count = source.builder.info.splits[split_arg].num_examples
     read_config = tfds.ReadConfig(
       try_autocache=False,
@@ -286,10 +300,7 @@ def _load(
       decoders=tfds.decode.PartialDecoding({'image': True}),
     )
   if count == 0:
-    raise BadDataError(
-      f'Split {split!r} of {config.dataset!r} has no examples for input pipeline {shard_index} '
-      f'of {num_shards}.'
-    )
+    raise BadDataError(f'Split {split!r} of {config.dataset!r} has no examples.')
 
   def preprocess(element):
     return source.preprocess(element if source.files is not None else element['image'])
