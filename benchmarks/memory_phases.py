@@ -29,8 +29,9 @@ slots: an evaluation or sampling process has none) with the same seed, data and 
 all three phases in one process, does).
 
 Experiments: `--static_batch` (the model's empty-batch `tf.cond` skipped when the batch size is
-static), `--grappler=pass=false,...` (`tf.config.optimizer` options); glibc's allocator through
-the usual `MALLOC_*` environment variables. Results: docs/benchmarks.md section 4.
+static), `--grappler=pass=false,...` (`tf.config.optimizer` options), `--no_shared_functions`
+(every network inlined into the traced graph, as before `nn.shared_function`); glibc's allocator
+through the usual `MALLOC_*` environment variables. Results: docs/benchmarks.md section 4.
 
 Accounted sizes: parameter, batch-norm and optimizer-slot bytes; the traced graph (nodes in the
 function and its library, bytes of its `Const` tensors, serialized `GraphDef` size); for train,
@@ -38,7 +39,11 @@ the bytes of the forward tensors the gradient ops read (`saved_for_backward`: th
 what the step's `loss` depends on through data edges, minus everything downstream of the tape's
 ops; a forward tensor read by any other live op counts once per buffer: views made by
 Reshape/Identity/IdentityN/ExpandDims/Squeeze count as their input, unknown dimensions as
-`--batch_size`), split by the kind of op and the layer that produced them.
+`--batch_size`), split by the kind of op and the layer that produced them. With shared network
+functions (`nn.shared_function`, the default) the tensors a network's backward function reads
+are outputs of its forward call, each counted as its own buffer (the views inside the function
+are not seen), so `saved_for_backward` over-counts (`small` b16: 928 MB against 514 MB inlined,
+while the allocator's peak fell); use `--no_shared_functions` for that column.
 """
 
 from __future__ import annotations
@@ -297,6 +302,11 @@ def main(argv=None):
     default='',
     help='experiment: tf.config.optimizer options, e.g. remapping=false,memory_optimization=false',
   )
+  parser.add_argument(
+    '--no_shared_functions',
+    action='store_true',
+    help='inline every network (nn.shared_function.ENABLED = False), as before session 5',
+  )
   parser.add_argument('--no_graph_stats', action='store_true')
   parser.add_argument('--top', type=int, default=10, help='list the biggest saved tensors')
   parser.add_argument('--json', default=None)
@@ -321,6 +331,10 @@ def main(argv=None):
     from tf_denseflow import train_lib as loop_lib
 
   stages.mark('imports')
+  if args.no_shared_functions:
+    from tf_denseflow.nn import shared_function
+
+    shared_function.ENABLED = False
   if args.grappler:
     options = {}
     for item in args.grappler.split(','):

@@ -14,11 +14,12 @@ import tensorflow as tf
 from tf_denseflow.nn.attention import NystromAttention
 from tf_denseflow.nn.dense_net import DenseConvBlock
 from tf_denseflow.nn.layers import BatchNorm, Conv, Layer, Seeds
+from tf_denseflow.nn.shared_function import SharedNetwork
 
 __all__ = ['CouplingNetwork', 'CrossUnitNetwork', 'ContextNetwork', 'DequantCouplingNetwork']
 
 
-class CouplingNetwork(Layer):
+class CouplingNetwork(SharedNetwork):
   """DenseFlow's coupling network (the official `DenseNetMultihead`).
 
   ```
@@ -27,6 +28,7 @@ class CouplingNetwork(Layer):
   h   = conv1x1_nobias(relu(BatchNorm(concat[a, d])))    # 2*mid -> mid
   out = conv1x1_zero_init(h)                             # mid -> out (interleaved params)
   ```
+  In a traced graph, networks of the same structure share one function (`SharedNetwork`).
   """
 
   def __init__(
@@ -45,6 +47,17 @@ class CouplingNetwork(Layer):
   ):
     super().__init__(name=name)
     cd = compute_dtype
+    self.structure = (
+      in_channels,
+      out_channels,
+      mid_channels,
+      depth,
+      growth,
+      use_attention,
+      num_landmarks,
+      tokens,
+      compute_dtype,
+    )
     self.project = Conv(in_channels, mid_channels, 1, compute_dtype=cd, seeds=seeds)
     self.attention = None
     if use_attention:
@@ -58,7 +71,7 @@ class CouplingNetwork(Layer):
     self.out = Conv(mid_channels, out_channels, 1, zero_init=True, compute_dtype=cd, seeds=seeds)
     self.built = True
 
-  def call(self, x, training=False):
+  def body(self, x, training=False):
     h = self.project(x)
     branches = [self.dense(h)]
     if self.attention is not None:
@@ -67,15 +80,18 @@ class CouplingNetwork(Layer):
     return tf.cast(self.out(h), tf.float32)
 
 
-class CrossUnitNetwork(Layer):
+class CrossUnitNetwork(SharedNetwork):
   """The cross-unit network g_i: `conv3x3 (4x width) -> ReLU -> conv1x1 (zero init)`.
 
   Returns `[..., 2 * growth]`: the first half is mu, the second the unconstrained log-sigma.
   (The official class is called `_BNReLUConv` but has no batch norm.)
   """
 
+  uses_training = False
+
   def __init__(self, in_channels, growth, compute_dtype='float32', seeds=None, name=None):
     super().__init__(name=name)
+    self.structure = (in_channels, growth, compute_dtype)
     self.hidden = Conv(
       in_channels, 4 * in_channels, 3, compute_dtype=compute_dtype, seeds=seeds, activation='relu'
     )
@@ -84,7 +100,8 @@ class CrossUnitNetwork(Layer):
     )
     self.built = True
 
-  def call(self, x):
+  def body(self, x, training=False):
+    del training
     return tf.cast(self.out(self.hidden(x)), tf.float32)
 
 
@@ -110,19 +127,22 @@ class ContextNetwork(Layer):
     return self.dense_out(self.down(self.dense_in(x)))
 
 
-class DequantCouplingNetwork(Layer):
+class DequantCouplingNetwork(SharedNetwork):
   """Conditioner of the dequantization couplings: `conv1x1 -> x + DenseConvBlock(x) -> conv1x1`.
 
   The input is `concat[x1, context]`; the last conv is zero-initialised.
   """
 
+  uses_training = False
+
   def __init__(self, in_channels, out_channels, mid_channels, depth, growth, seeds=None, name=None):
     super().__init__(name=name)
+    self.structure = (in_channels, out_channels, mid_channels, depth, growth)
     self.project = Conv(in_channels, mid_channels, 1, seeds=seeds)
     self.dense = DenseConvBlock(mid_channels, mid_channels, depth, growth, True, seeds=seeds)
     self.out = Conv(mid_channels, out_channels, 1, zero_init=True, seeds=seeds)
     self.built = True
 
-  def call(self, x, training=False):
+  def body(self, x, training=False):
     del training
     return self.out(self.dense(self.project(x)))
