@@ -14,7 +14,6 @@ folded into the seed instead (cheaper: no redundant draws). Seeds come from `see
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -379,10 +378,7 @@ class Trainer:
 def _distributed_eval_dataset(
   config: TrainConfig, strategy: tf.distribute.Strategy, eval_batch: int
 ) -> tf.distribute.DistributedDataset:
-  """The test split as `(images, weights)`, padded with weight-0 images to whole global batches.
-
-  Each replica gets consecutive per-replica batches, so global batch k holds examples
-  `k * eval_batch ...`: replica r's rows are `r * eval_batch / replicas ...` of it, as in training.
+  """The test split as `(images, weights)` per replica (`data.make_padded_eval_dataset`).
 
   Raises:
     ConfigError: the test split is empty.
@@ -392,25 +388,6 @@ def _distributed_eval_dataset(
     count = config.eval_examples if count is None else min(count, config.eval_examples)
   if not count:
     raise ConfigError(f'The test split of {config.data.dataset!r} is empty.')
-  padded = math.ceil(count / eval_batch) * eval_batch
-  image_shape = tuple(config.model.image_shape)
-
-  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    examples = data_lib.load_split(config.data, 'test').take(count)
-    examples = examples.map(lambda x: (x, tf.constant(1.0)))
-    padding = tf.data.Dataset.from_tensors(
-      (tf.zeros(image_shape, tf.uint8), tf.constant(0.0))
-    ).repeat(padded - count)
-    ds = examples.concatenate(padding).cache()
-    ds = ds.batch(ctx.get_per_replica_batch_size(eval_batch), drop_remainder=True)
-    if ctx.num_input_pipelines > 1:  # multi-worker: this worker's replicas' batches only
-      replicas, pipeline = ctx.num_replicas_in_sync, ctx.input_pipeline_id
-      local = replicas // ctx.num_input_pipelines
-      ds = ds.enumerate().filter(lambda j, _: tf.equal((j % replicas) // local, pipeline))
-      ds = ds.map(lambda _, batch: batch)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-  return strategy.distribute_datasets_from_function(dataset_fn)
+  return strategy.distribute_datasets_from_function(
+    lambda ctx: data_lib.make_padded_eval_dataset(config.data, count, eval_batch, ctx)
+  )

@@ -44,6 +44,7 @@ from tf_denseflow.data.pipeline import (
   image_shape,
   load_split,
   make_eval_dataset,
+  make_padded_eval_dataset,
   make_train_dataset,
   num_examples,
 )
@@ -68,6 +69,7 @@ __all__ = [
   'image_shape',
   'load_split',
   'make_eval_dataset',
+  'make_padded_eval_dataset',
   'make_train_dataset',
   'num_examples',
 ]

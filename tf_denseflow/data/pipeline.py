@@ -31,6 +31,7 @@ __all__ = [
   'image_shape',
   'load_split',
   'make_eval_dataset',
+  'make_padded_eval_dataset',
   'make_train_dataset',
   'num_examples',
 ]
@@ -228,6 +229,46 @@ def make_train_dataset(
   if input_context is not None:
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
   return ds.with_options(options)
+
+
+def make_padded_eval_dataset(
+  config: DataConfig,
+  count: int,
+  global_batch: int,
+  input_context: tf.distribute.InputContext,
+) -> tf.data.Dataset:
+  """The first `count` test examples as `(images, weights)` per-replica batches, padded.
+
+  The split is padded with weight-0 zero images to whole global batches. Global batch k holds
+  examples `k * global_batch ...`, and replica r's rows are `r * global_batch / replicas ...` of
+  it, as in training; with several input pipelines (multi-worker) this pipeline keeps only its
+  replicas' batches (the rule of `make_train_dataset`).
+
+  Args:
+    config: the data configuration.
+    count: test examples to use (>= 1).
+    global_batch: examples per global evaluation batch.
+    input_context: from `distribute_datasets_from_function`.
+
+  Returns:
+    A finite dataset of `(uint8 [B, H, W, 3], float32 [B])`, `B` the per-replica batch.
+  """
+  padded = -(-count // global_batch) * global_batch
+  shape = image_shape(config)
+  examples = load_split(config, 'test').take(count).map(lambda x: (x, tf.constant(1.0)))
+  padding = tf.data.Dataset.from_tensors((tf.zeros(shape, tf.uint8), tf.constant(0.0)))
+  ds = examples.concatenate(padding.repeat(padded - count)).cache()
+  ds = ds.batch(input_context.get_per_replica_batch_size(global_batch), drop_remainder=True)
+  pipelines = input_context.num_input_pipelines
+  if pipelines > 1:
+    replicas, pipeline = input_context.num_replicas_in_sync, input_context.input_pipeline_id
+    local = replicas // pipelines
+    ds = ds.enumerate().filter(lambda j, _: tf.equal((j % replicas) // local, pipeline))
+    ds = ds.map(lambda _, batch: batch)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  return ds.prefetch(_AUTOTUNE).with_options(options)
 
 
 def make_eval_dataset(
