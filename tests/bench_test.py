@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 import cli_testlib
+import pytest
 import tensorflow as tf
 
 from tf_denseflow import bench
@@ -70,6 +71,7 @@ class BenchTest(tf.test.TestCase):
     self.assertAllClose(flops['train'], 3.0 * flops['eval'])
     self.assertIn('profiler', flops['source'])
 
+  @pytest.mark.slow  # 30 s; float16 training itself is covered by tests/precision_test.py
   def test_float16_library_kernels_train_phase_only(self):
     tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
