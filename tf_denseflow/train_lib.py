@@ -1,9 +1,10 @@
-"""DenseFlow training on MirroredStrategy: the outer loop (settings: train_config.py).
+"""DenseFlow training under a `tf.distribute` strategy: the set-up (settings: train_config.py).
 
 `train(config, workdir)` runs the official recipe (Adamax, linear warm-up, then a constant or
 exponentially decaying learning rate, then a constant fine-tune stage) on every visible GPU, or on
-the CPU (optionally split into `num_cpu_devices` logical devices), and leaves in `workdir` the
-files of `workdir.py`'s layout:
+the CPU (optionally split into `num_cpu_devices` logical devices), or on the workers of a
+`TF_CONFIG` cluster (`--strategy`, `cluster.py`, docs/distributed.md: only the chief writes), and
+leaves in `workdir` the files of `workdir.py`'s layout:
 ```
 WORKDIR/model_config.json      the architecture (checked on resume)
 WORKDIR/train_config.json      every setting of the run (evaluate/sample read the dataset here)

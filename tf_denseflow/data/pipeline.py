@@ -213,13 +213,7 @@ def make_train_dataset(
   if offset:
     ds = ds.skip(offset)
   if pipelines > 1:
-    per_batch = int(batch_size)
-
-    def own(n, _):  # n counts examples from `first_example`
-      replica = ((first_batch + n // per_batch) % replicas) // local
-      return tf.equal(replica, pipeline)
-
-    ds = ds.enumerate().filter(own).map(lambda _, element: element)
+    ds = _keep_pipeline_share(ds, pipeline, pipelines, replicas, int(batch_size), first_batch)
   augmentation = config.augmentation
   ds = ds.map(lambda x, s: augment(x, s, augmentation), num_parallel_calls=_AUTOTUNE)
   ds = ds.batch(int(batch_size), drop_remainder=True)
@@ -259,16 +253,40 @@ def make_padded_eval_dataset(
   padding = tf.data.Dataset.from_tensors((tf.zeros(shape, tf.uint8), tf.constant(0.0)))
   ds = examples.concatenate(padding.repeat(padded - count)).cache()
   ds = ds.batch(input_context.get_per_replica_batch_size(global_batch), drop_remainder=True)
-  pipelines = input_context.num_input_pipelines
-  if pipelines > 1:
-    replicas, pipeline = input_context.num_replicas_in_sync, input_context.input_pipeline_id
-    local = replicas // pipelines
-    ds = ds.enumerate().filter(lambda j, _: tf.equal((j % replicas) // local, pipeline))
-    ds = ds.map(lambda _, batch: batch)
+  if input_context.num_input_pipelines > 1:
+    ds = _keep_pipeline_share(
+      ds,
+      input_context.input_pipeline_id,
+      input_context.num_input_pipelines,
+      input_context.num_replicas_in_sync,
+    )
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
   return ds.prefetch(_AUTOTUNE).with_options(options)
+
+
+def _keep_pipeline_share(
+  ds: tf.data.Dataset,
+  pipeline: int,
+  pipelines: int,
+  replicas: int,
+  elements_per_batch: int = 1,
+  first_batch: int = 0,
+) -> tf.data.Dataset:
+  """The elements of `ds` that belong to the per-replica batches of `pipeline`'s replicas.
+
+  Element `n` of `ds` is part of global per-replica batch `j = first_batch + n //
+  elements_per_batch`, which replica `j % replicas` takes; replica `r` lives on pipeline
+  `r // (replicas / pipelines)` (MultiWorkerMirroredStrategy numbers a worker's replicas
+  consecutively).
+  """
+  local = replicas // pipelines
+
+  def own(n, _):
+    return tf.equal(((first_batch + n // elements_per_batch) % replicas) // local, pipeline)
+
+  return ds.enumerate().filter(own).map(lambda _, element: element)
 
 
 def make_eval_dataset(
