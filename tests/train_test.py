@@ -216,6 +216,17 @@ class TrainLoopTest(_TestCase):
     names = [name for name, _ in tf.train.list_variables(result.checkpoint)]
     self.assertTrue(any(name.startswith('loss_scale/') for name in names), names)
 
+  def test_float32_checkpoint_resumes_in_float16(self):
+    # --precision is weight-neutral: a run may continue in float16 from a float32 checkpoint,
+    # whose checkpoint has no loss scale yet (the scale then starts at its initial value).
+    workdir = self._new_dir()
+    train_lib.train(_config(steps=2), workdir)
+    float16 = dataclasses.replace(_micro_model(8), coupling_dtype='float16')
+    result = train_lib.train(_config(steps=4, model=float16), workdir)
+    self.assertEqual((result.start_step, result.step), (2, 4))
+    names = [name for name, _ in tf.train.list_variables(result.checkpoint)]
+    self.assertTrue(any(name.startswith('loss_scale/') for name in names), names)
+
   def test_actnorm_is_initialised_identically_on_both_replicas(self):
     strategy = train_lib.make_strategy(num_cpu_devices=2)
     config = _micro_model(8)
