@@ -213,6 +213,7 @@ def restore_checkpoint(
   config: Optional[DenseFlowConfig] = None,
   config_source: str = 'the model config',
   exclusive: Sequence[str] = ('model',),
+  optional: Sequence[str] = (),
 ) -> None:
   """Restores `objects` from the checkpoint `path`, all or nothing.
 
@@ -230,6 +231,8 @@ def restore_checkpoint(
     config: the config the checkpoint must have been written for (None: not checked).
     config_source: where `config` comes from (for the message).
     exclusive: names in `objects` whose checkpoint subtree must be consumed entirely.
+    optional: names in `objects` restored only if the checkpoint has them (else left as they
+      are: e.g. float16's loss scale, absent from a checkpoint written in float32).
 
   Raises:
     CheckpointError: unreadable checkpoint, other model config, missing / unexpected /
@@ -247,6 +250,8 @@ def restore_checkpoint(
           f'{config_source}).'
         )
   graph = _object_graph(reader, path)
+  present = {c.local_name for c in graph.nodes[0].children}
+  objects = {k: v for k, v in objects.items() if k not in optional or k in present}
   variables, matched = _match(objects, graph)
   shapes = reader.get_variable_to_shape_map()
   missing = [p for p, (_, key) in variables.items() if key is None or key not in shapes]

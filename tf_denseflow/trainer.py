@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tf_denseflow import cluster, precision, seeds
 from tf_denseflow import data as data_lib
@@ -230,20 +229,18 @@ class Trainer:
     config = self.config
     if resuming:
       path = self.latest_checkpoint
-      state = self._state
-      if self.loss_scale is not None and not _has_object(path, 'loss_scale'):
-        # Written without float16 (precision is weight-neutral): the scale starts afresh.
-        state = {k: v for k, v in state.items() if k != 'loss_scale'}
-        logging.info('%s has no loss scale: float16 training starts at its initial scale.', path)
       try:
         workdir_lib.restore_checkpoint(
           path,
-          state,
+          self._state,
           config.model,
           config_source=(
             f'the model config of this run ({self._workdir}/{workdir_lib.CONFIG_FILE})'
           ),
           exclusive=('model', 'optimizer'),
+          # A checkpoint written without float16 (precision is weight-neutral) has no loss
+          # scale: it then starts afresh.
+          optional=('loss_scale',),
         )
       except workdir_lib.CheckpointError as e:
         raise ConfigError(f'Cannot resume: {e}') from None
@@ -379,14 +376,6 @@ class Trainer:
     """
     with self.strategy.scope():
       return self._sample(seeds.stream_seed(self.config.seed, seeds.SAMPLE_STREAM)).numpy()
-
-
-def _has_object(path: str, name: str) -> bool:
-  """Whether the checkpoint `path` holds a top-level object `name` (e.g. 'loss_scale')."""
-  try:
-    return any(key.startswith(f'{name}/') for key, _ in tf.train.list_variables(path))
-  except (tf.errors.OpError, ValueError):
-    return False  # restore_checkpoint names the unreadable checkpoint
 
 
 def _distributed_eval_dataset(
