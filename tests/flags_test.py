@@ -206,6 +206,8 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
     ('num_bits_above_8', '--num_bits=9', 'num_bits'),
     ('num_bits_zero', '--num_bits=0', 'num_bits'),
     ('int32_batch', '--global_batch_size=4294967296', 'global_batch_size'),
+    ('zero_init_examples', '--init_examples=0', 'init_examples'),
+    ('negative_init_examples', '--init_examples=-1', 'init_examples'),
     ('huge_train_steps', '--train_steps=9223372036854775808', 'train_steps'),
   )
   @flagsaver.flagsaver
@@ -233,6 +235,12 @@ class FlagfileTest(tf.test.TestCase, parameterized.TestCase):
   def test_num_bits_flag_sets_the_model_config(self):
     self.assertEqual(_parse('--flagfile=configs/smoke.cfg').model.num_bits, 8)
     self.assertEqual(_parse('--flagfile=configs/smoke.cfg', '--num_bits=5').model.num_bits, 5)
+
+  def test_init_examples_flag_sets_the_train_config(self):
+    self.assertIsNone(_parse('--flagfile=configs/smoke.cfg').init_examples)
+    config = _parse('--flagfile=configs/smoke.cfg', '--init_examples=64')
+    self.assertEqual(config.init_examples, 64)
+    self.assertEqual(config.to_json()['init_examples'], 64)
 
   def test_default_flagfile_only_without_flagfile_or_dataset(self):
     default = train_main.DEFAULT_FLAGFILE
@@ -284,6 +292,7 @@ class CommandLineErrorTest(tf.test.TestCase):
         'coupling_channels: [16, 16] in the workdir, [8, 8] now',
       ),
       'bad enum': (smoke_args + ['--lr_schedule=cosine'], 'lr_schedule'),
+      'zero init_examples': (smoke_args + ['--init_examples=0'], 'flag --init_examples=0'),
     }
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
     processes = {

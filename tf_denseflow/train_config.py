@@ -2,7 +2,8 @@
 
 `train_lib.train` runs a `TrainConfig`; `train_config.json` in the run directory records it (the
 evaluate and sample CLIs read the dataset settings back with `load_train_config` and
-`data_config_from_json`).
+`data_config_from_json`). `OptimConfig` lives in `optim_config.py` and the errors in
+`train_errors.py`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 
 from tf_denseflow import data as data_lib
-from tf_denseflow.checks import (
-  FLOAT32_TINY,
-  INT32_MAX,
-  INT64_MAX,
-  INT64_MIN,
-  MAX_CPU_DEVICES,
-  MAX_STEPS,
-)
+from tf_denseflow.checks import INT32_MAX, INT64_MAX, INT64_MIN, MAX_CPU_DEVICES, MAX_STEPS
 from tf_denseflow.cluster import STRATEGIES
 from tf_denseflow.config import COUPLING_DTYPES as PRECISIONS
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.config_flags import check_fields, hparam, values_from_flags
 from tf_denseflow.kernels import CONV_KERNELS
 from tf_denseflow.optim import WarmupSchedule  # noqa: F401 -- re-exported: the schedule of OptimConfig
+from tf_denseflow.optim_config import LR_SCHEDULES, OptimConfig  # noqa: F401 -- re-exported
+from tf_denseflow.train_errors import (  # noqa: F401 -- re-exported: the errors of a run
+  ConfigError,
+  TrainingError,
+  WorkerLostError,
+)
 from tf_denseflow.workdir import (  # noqa: F401 -- re-exported: the run directory's file names
   METRICS_FILE,
   TB_SUBDIR,
@@ -52,120 +52,11 @@ __all__ = [
 ]
 
 
-LR_SCHEDULES = ('constant', 'exponential')
 NOISE_SEEDINGS = ('global_batch', 'per_replica')
-
-
-class ConfigError(ValueError):
-  """A setting cannot work (bad flag combination, wrong workdir); the message says which."""
-
-
-class TrainingError(RuntimeError):
-  """Training cannot continue (too many non-finite steps, non-finite weights)."""
-
-
-class WorkerLostError(TrainingError):
-  """A multi-worker run lost a worker (it died, hung, or cannot be reached); restart them all."""
 
 
 # -------------------------------------------------------------------------------------------------
 # Configs.
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """Optimisation recipe (defaults: the official CIFAR-10 command).
-
-  Attributes:
-    global_batch_size: images per step over all replicas.
-    learning_rate: Adamax learning rate after warm-up.
-    adamax_epsilon: Adamax epsilon.
-    warmup_steps: linear warm-up steps.
-    lr_schedule: 'constant' or 'exponential' after warm-up (see `WarmupSchedule`).
-    lr_decay_gamma: decay per epoch of the exponential schedule.
-    steps_per_epoch: epoch length for the decay; None = ceil(train examples / global batch).
-    train_steps: steps of the main stage.
-    finetune_lr: constant learning rate of the fine-tune stage.
-    finetune_steps: steps of the fine-tune stage (after `train_steps`).
-    max_consecutive_nonfinite: stop after this many skipped (non-finite) steps in a row.
-  """
-
-  # Every field is also a flag of `python -m tf_denseflow.train` (config_flags); `hparam` holds
-  # its help text and bounds, which `__post_init__` checks too. Learning rates and epsilon meet
-  # the weights in float32 (the fused Adamax kernel): they must be finite there, and epsilon a
-  # normal float32 (0 gives 0/0 on a zero gradient entry).
-  global_batch_size: int = hparam(
-    64,
-    'Images per step over all replicas; must be divisible by the number of replicas.',
-    minimum=1,
-  )
-  learning_rate: float = hparam(
-    1e-3, 'Adamax learning rate after warm-up.', minimum=0.0, exclusive_minimum=True
-  )
-  adamax_epsilon: float = hparam(
-    1e-8,
-    'Adamax epsilon (PyTorch default 1e-8; Keras default 1e-7); at least the smallest normal '
-    'float32 (1.2e-38): with 0, a zero gradient entry divides 0 by 0.',
-    minimum=FLOAT32_TINY,
-  )
-  warmup_steps: int = hparam(
-    5000,
-    'Linear learning-rate warm-up, in steps: lr * min(1, (step + 1) / warmup_steps).',
-    minimum=0,
-    maximum=MAX_STEPS,
-  )
-  lr_schedule: str = hparam(
-    'constant',
-    'After warm-up: constant (what the official code effectively runs) or exponential '
-    '(lr * lr_decay_gamma ** epoch, what the paper describes).',
-    choices=LR_SCHEDULES,
-  )
-  lr_decay_gamma: float = hparam(
-    0.9975,
-    'Per-epoch decay factor of --lr_schedule=exponential (official: 0.9975 CIFAR-10, 0.95 others).',
-    minimum=0.0,
-    exclusive_minimum=True,
-    maximum=1.0,
-  )
-  steps_per_epoch: Optional[int] = hparam(
-    None,
-    'Steps per epoch for the exponential decay (default: ceil(train examples / '
-    'global_batch_size)).',
-    minimum=1,
-    maximum=MAX_STEPS,
-  )
-  train_steps: int = hparam(
-    312_800,
-    'Steps of the main stage (CIFAR-10: 400 epochs of 782 steps).',
-    minimum=0,
-    maximum=MAX_STEPS,
-  )
-  finetune_lr: float = hparam(
-    2e-5,
-    'Constant learning rate of the fine-tune stage that follows the main stage.',
-    minimum=0.0,
-    exclusive_minimum=True,
-  )
-  finetune_steps: int = hparam(
-    15_640,
-    'Steps of the fine-tune stage (CIFAR-10: 20 epochs); 0 = none.',
-    minimum=0,
-    maximum=MAX_STEPS,
-  )
-  max_consecutive_nonfinite: int = hparam(
-    10,
-    'Stop the run after this many steps in a row with a NaN/Inf loss or gradient (each such '
-    'step is skipped: no update).',
-    minimum=1,
-  )
-
-  def __post_init__(self):
-    check_fields(self, ConfigError)
-
-  @property
-  def total_steps(self) -> int:
-    """Main stage plus fine-tune stage."""
-    return self.train_steps + self.finetune_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +69,9 @@ class TrainConfig:
     optim: the optimisation recipe.
     seed: seed of the weights, the data order and every noise draw.
     noise_seeding: 'global_batch' (replica-count invariant) or 'per_replica'.
+    init_examples: images of ActNorm's data-dependent initialisation (glow's `n_batch_init`):
+      the first `init_examples` images of the training stream, in one pass (None: the first
+      global batch, `optim.global_batch_size`).
     jit_compile: XLA-compile the per-replica loss-and-gradient function.
     precision: compute dtype of the coupling networks ('float32', 'bfloat16', 'float16'), always
       equal to `model.coupling_dtype` (None at construction: taken from the model); 'float16'
@@ -221,6 +115,15 @@ class TrainConfig:
     'and keeps its slice, so the run does not depend on the number of replicas; per_replica: '
     'fold the replica id into the step seed (cheaper, depends on the replica count).',
     choices=NOISE_SEEDINGS,
+  )
+  init_examples: Optional[int] = hparam(
+    None,
+    "Images of ActNorm's data-dependent initialisation (glow's n_batch_init): the first "
+    'init_examples images of the training stream, with the seed, shuffle and augmentation of '
+    'training (2 x --global_batch_size: the images of the first two steps), in one forward '
+    'pass whose memory grows with them; default: --global_batch_size (the first training '
+    'batch, as the official code). Not used when resuming.',
+    minimum=1,
   )
   jit_compile: bool = hparam(
     False,

@@ -216,7 +216,11 @@ class Trainer:
     return nll_given_noise(self.model, images, noise, training=True)
 
   def restore_or_initialize(self, resuming: bool) -> int:
-    """Restores the latest checkpoint, or initialises ActNorm on the first batch; the step.
+    """Restores the latest checkpoint, or initialises ActNorm on the first images; the step.
+
+    A fresh run initialises ActNorm on the first `config.init_examples` images (default: one
+    global batch) of the training stream, unsharded, so every worker computes the same init (the
+    stream's examples do not depend on its batch size: these are the first steps' images).
 
     Resuming restores everything, all or nothing (`workdir.restore_checkpoint`): the model
     config the checkpoint was written for, every model and optimizer variable (resuming without
@@ -249,10 +253,9 @@ class Trainer:
         raise ConfigError(f'Cannot resume from {path}: non-finite values in {", ".join(bad[:3])}.')
       self._saved_step = int(self.step.numpy())
     else:
-      # ActNorm's data-dependent init, once, in cross-replica context, on the first global batch.
-      first = next(
-        iter(data_lib.make_train_dataset(config.data, self.global_batch, seed=config.seed))
-      )
+      # ActNorm's data-dependent init, once, in cross-replica context (images: see above).
+      count = self.global_batch if config.init_examples is None else config.init_examples
+      first = next(iter(data_lib.make_train_dataset(config.data, count, seed=config.seed)))
       with self.strategy.scope():
         self.model.initialize(first, seed=(config.seed, seeds.INIT_STREAM))
       # Every worker computed the same init; the chief's values make it exactly the same.
