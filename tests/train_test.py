@@ -154,7 +154,14 @@ class TrainLoopTest(_TestCase):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       records = [json.loads(line) for line in f]
     self.assertEqual([r['step'] for r in records if 'train_bits_per_dim' in r], [1, 2, 3])
-    self.assertEqual(records[-1]['eval_bits_per_dim'], two.test_bpd)
+    self.assertEqual(records[-2]['eval_bits_per_dim'], two.test_bpd)
+    # The last record: where the time went (train_loop.Reporter.timing), as in the result.
+    self.assertEqual(records[-1], {'step': 3, 'timing': two.timing})
+    timing = two.timing
+    parts = ('train_s', 'first_call_s', 'eval_s', 'checkpoint_s', 'sample_s')
+    self.assertAlmostEqual(sum(timing[k] for k in parts), timing['wall_s'], delta=0.01)
+    for key in ('first_call_s', 'eval_s', 'checkpoint_s', 'sample_s', 'train_images_per_s'):
+      self.assertGreater(timing[key], 0.0, key)
     # Every variable (weights, batch-norm statistics, optimizer slots) is in sync on both replicas.
     model = two.model
     for v in (

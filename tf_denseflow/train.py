@@ -106,10 +106,22 @@ def main(argv: Sequence[str]) -> None:
   if result.test_bpd is not None:
     print(f'test bits/dim: {result.test_bpd:.4f} (single-sample ELBO, step {result.step})')
   print(f'checkpoint: {result.checkpoint}')
+  print(_timing_line(result))
   if result.samples:
     print(f'samples: {result.samples}')
   if exported:
     print(f'export: {exported}')
+
+
+def _timing_line(result) -> str:
+  """Where the run's time went, one line (`train_loop.Reporter.timing`)."""
+  t = result.timing
+  steps = result.step - result.start_step
+  return (
+    f'time: {t["wall_s"]:.0f} s = {steps} steps {t["train_s"] + t["first_call_s"]:.0f} s (first '
+    f'call {t["first_call_s"]:.0f} s; then {t["train_images_per_s"]:.1f} images/s) + evaluation '
+    f'{t["eval_s"]:.0f} s + checkpoints {t["checkpoint_s"]:.0f} s + samples {t["sample_s"]:.0f} s'
+  )
 
 
 def _export(workdir: str, export_dir: str) -> str:

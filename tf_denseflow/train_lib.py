@@ -251,18 +251,23 @@ def train(
     # End of run: the last checkpoint, then (unless stopped) the final evaluation and samples.
     current = int(trainer.step.numpy())
     result.step = current
-    result.checkpoint = trainer.save(current)
+    with reporter.timed('checkpoint'):
+      result.checkpoint = trainer.save(current)
     if result.stopped_by:
+      reporter.log_timing(current)
       return result
     if trainer.can_evaluate:
-      result.test_bpd = trainer.evaluate()
+      with reporter.timed('eval'):
+        result.test_bpd = trainer.evaluate()
       reporter.log_eval(current, result.test_bpd)
   if config.num_grid_samples and worker.is_chief:
-    images = trainer.draw_samples()
+    with reporter.timed('sample'):
+      images = trainer.draw_samples()
     summaries.write_image_grid(reporter.writer, 'samples', images, current)
     result.samples = summaries.save_png(
       summaries.image_grid(images), workdir_lib.train_samples_path(workdir, current)
     )
+  reporter.log_timing(current)
   reporter.writer.flush()
   return result
 

@@ -10,6 +10,7 @@ The run's setup and end are `train_lib.train`'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -57,6 +58,8 @@ class TrainResult:
       multi-worker run).
     model: the trained model (its variables are mirrored under the run's strategy).
     optimizer: the optimizer (its `iterations` counts the applied updates).
+    timing: where this run's wall-clock time went (`Reporter.timing`: seconds, and the
+      training throughput in images/s).
   """
 
   step: int
@@ -72,6 +75,7 @@ class TrainResult:
   is_chief: bool = True
   model: Optional[DenseFlow] = None
   optimizer: Optional[keras.optimizers.Optimizer] = None
+  timing: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StopSignal:
@@ -142,10 +146,18 @@ class _SkipStreak:
 
 
 class Reporter:
-  """TensorBoard scalars, `metrics.jsonl`, the progress bar, and the window of train losses.
+  """TensorBoard scalars, `metrics.jsonl`, the progress bar, the window of train losses, timing.
+
+  Time is booked by kind (`timed`): `first_call` (the process's first training loop: tracing and
+  graph optimisation), `eval`, `checkpoint` and `sample`; the rest of the run's wall-clock time is
+  training (steps, input pipeline, host syncs, logging). The logged `images_per_s` is the
+  training throughput of the window, without the other kinds' time, so it compares with
+  `tf_denseflow.bench`'s step rate (docs/benchmarks.md section 5).
 
   Only the chief of a multi-worker run writes (`write=False` elsewhere: no files, no bar).
   """
+
+  TIMED = ('first_call', 'eval', 'checkpoint', 'sample')
 
   def __init__(self, config: TrainConfig, workdir: str, result: TrainResult, write: bool = True):
     self.config = config
@@ -158,17 +170,52 @@ class Reporter:
     self.metrics_path = workdir_lib.metrics_path(workdir)
     self.run_start = time.time()
     self.progress = None  # created after the first loop, so that tracing does not skew the ETA
+    self.seconds = {kind: 0.0 for kind in self.TIMED}
+    self.trained_steps = 0  # steps outside the first loop (the throughput's steps)
     self._reset_window()
 
   def _reset_window(self) -> None:
-    self.window = {'loss': 0.0, 'count': 0, 'start': time.time(), 'steps': 0}
+    self.window = {'loss': 0.0, 'count': 0, 'start': time.time(), 'steps': 0, 'other_s': 0.0}
 
-  def step(self, loss: float, finite: bool) -> None:
-    """Adds a step to the window (its loss only if the update was applied)."""
+  @contextlib.contextmanager
+  def timed(self, kind: str) -> Iterator[None]:
+    """Books the time of the `with` body as `kind` (one of `TIMED`), not as training."""
+    start = time.time()
+    try:
+      yield
+    finally:
+      seconds = time.time() - start
+      self.seconds[kind] += seconds
+      self.window['other_s'] += seconds
+
+  def step(self, loss: float, finite: bool, timed: bool = True) -> None:
+    """Adds a step to the window (its loss only if the update was applied).
+
+    `timed=False`: a step of the first loop, whose time is booked as `first_call`; it counts
+    for the loss but not for the throughput.
+    """
     if finite:
       self.window['loss'] += loss
       self.window['count'] += 1
-    self.window['steps'] += 1
+    if timed:
+      self.window['steps'] += 1
+      self.trained_steps += 1
+
+  def timing(self) -> Dict[str, float]:
+    """Seconds since the start by kind, and the training throughput (images/s).
+
+    `wall_s` = `train_s` + `first_call_s` + `eval_s` + `checkpoint_s` + `sample_s`;
+    `train_images_per_s` = images of the steps after the first loop / `train_s`.
+    """
+    wall = time.time() - self.run_start
+    train = max(wall - sum(self.seconds.values()), 1e-9)
+    images = self.trained_steps * self.config.optim.global_batch_size
+    return {
+      'wall_s': round(wall, 3),
+      'train_s': round(train, 3),
+      **{f'{kind}_s': round(seconds, 3) for kind, seconds in self.seconds.items()},
+      'train_images_per_s': round(images / train, 3) if self.trained_steps else math.nan,
+    }
 
   def advance(self, current: int, num_steps: int) -> None:
     """Moves the progress bar to `current` after a loop of `num_steps`."""
@@ -185,9 +232,10 @@ class Reporter:
       f.write(json.dumps(record) + '\n')
 
   def log_train(self, current: int, metrics: Dict[str, float]) -> None:
-    """Writes the window's train bits/dim, throughput and the last step's metrics."""
-    elapsed = max(time.time() - self.window['start'], 1e-9)
-    images_per_s = self.window['steps'] * self.config.optim.global_batch_size / elapsed
+    """Writes the window's train bits/dim, training throughput and the last step's metrics."""
+    elapsed = max(time.time() - self.window['start'] - self.window['other_s'], 1e-9)
+    steps = self.window['steps']
+    images_per_s = steps * self.config.optim.global_batch_size / elapsed if steps else math.nan
     scale = self.config.model.bits_per_dim_scale
     count = self.window['count']
     train_bpd = self.window['loss'] / count * scale if count else math.nan
@@ -203,7 +251,10 @@ class Reporter:
     record = {f'train_{k}' if k == 'bits_per_dim' else k: v for k, v in values.items()}
     self._append({'step': current, 'elapsed_s': elapsed_s, **record})
     if self.progress is not None:
-      self.progress.set_postfix(bpd=f'{train_bpd:.3f}', img_s=f'{images_per_s:.1f}')
+      postfix = {'bpd': f'{train_bpd:.3f}'}
+      if steps:  # not for a window of first-loop steps only (their time is tracing)
+        postfix['img_s'] = f'{images_per_s:.1f}'
+      self.progress.set_postfix(postfix)
     self._reset_window()
 
   def log_eval(self, current: int, bits_per_dim: float) -> None:
@@ -217,6 +268,12 @@ class Reporter:
     logging.info('step %d: test ELBO %.4f bits/dim', current, bits_per_dim)
     if self.progress is not None:
       self.progress.write(f'step {current}: test bits/dim {bits_per_dim:.4f}')
+
+  def log_timing(self, current: int) -> Dict[str, float]:
+    """Records where the run's time went (`timing()`) in the result and `metrics.jsonl`."""
+    self.result.timing = self.timing()
+    self._append({'step': current, 'timing': self.result.timing})
+    return self.result.timing
 
   def close(self) -> None:
     if self.progress is not None:
@@ -254,11 +311,16 @@ def run(
   total = config.optim.total_steps
   streak = _SkipStreak(config.optim.max_consecutive_nonfinite)
   current = result.start_step
+  first_loop = True  # its time (tracing) is booked as first_call
   with StopSignal() as stop:
     try:
       while current < total:
         num_steps = min(config.steps_per_loop, total - current)
-        outputs = trainer.train(num_steps)
+        if first_loop:
+          with reporter.timed('first_call'):
+            outputs = trainer.train(num_steps)
+        else:
+          outputs = trainer.train(num_steps)
         previous, current = current, current + num_steps
         for i, step in enumerate(range(previous, current)):
           out = {k: v[i].item() for k, v in outputs.items()}
@@ -268,7 +330,8 @@ def run(
           else:
             result.nonfinite_steps += 1
             streak.skipped(step, out, result.nonfinite_steps, trainer.latest_checkpoint)
-          reporter.step(float(out['loss']), bool(out['finite']))
+          reporter.step(float(out['loss']), bool(out['finite']), timed=not first_loop)
+        first_loop = False
         metrics = {
           'loss': float(out['loss']),
           'bits_per_dim': float(out['loss']) * config.model.bits_per_dim_scale,
@@ -280,20 +343,25 @@ def run(
         if _crossed(previous, current, config.log_every) or current == total:
           reporter.log_train(current, metrics)
         if _crossed(previous, current, config.checkpoint_every):
-          trainer.save(current)
+          with reporter.timed('checkpoint'):
+            trainer.save(current)
         if (
           current < total
           and trainer.can_evaluate
           and _crossed(previous, current, config.eval_every)
         ):
-          reporter.log_eval(current, trainer.evaluate())
+          with reporter.timed('eval'):
+            bits_per_dim = trainer.evaluate()
+          reporter.log_eval(current, bits_per_dim)
         if (
           current < total
           and config.num_grid_samples
           and trainer.worker.is_chief
           and _crossed(previous, current, config.sample_every)
         ):
-          summaries.write_image_grid(reporter.writer, 'samples', trainer.draw_samples(), current)
+          with reporter.timed('sample'):
+            images = trainer.draw_samples()
+          summaries.write_image_grid(reporter.writer, 'samples', images, current)
         if step_callback is not None:
           step_callback(current, metrics, trainer.model)
         # A signal on any worker stops every worker after the same step (one all-reduce).

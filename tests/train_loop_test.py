@@ -1,0 +1,94 @@
+"""Tests for tf_denseflow.train_loop.Reporter's bookkeeping of time (a fake clock, no model).
+
+The logged `images_per_s` and the run's `timing` count training time only: the first loop
+(tracing), evaluations, checkpoints and samples are booked on their own, so the training
+throughput compares with `tf_denseflow.bench`'s step rate (docs/benchmarks.md section 5).
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+
+from tf_denseflow import train_loop
+from tf_denseflow.optim_config import OptimConfig
+from tf_denseflow.train_config import TrainConfig
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+class ReporterTimingTest(absltest.TestCase):
+  def _new_dir(self) -> str:
+    path = tempfile.mkdtemp(prefix='train_loop_test_')
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+  def test_training_throughput_leaves_out_first_call_eval_checkpoints_and_samples(self):
+    clock = _Clock()
+    workdir = self._new_dir()
+    config = TrainConfig(optim=OptimConfig(global_batch_size=16), progress_bar=False)
+    result = train_loop.TrainResult(step=0, start_step=0)
+    with mock.patch.object(train_loop.time, 'time', clock):
+      reporter = train_loop.Reporter(config, workdir, result)
+      with reporter.timed('first_call'):  # the first loop: one step, 30 s of tracing
+        clock.now += 30.0
+      reporter.step(8.0, True, timed=False)
+      for _ in range(4):  # 4 steps of 16 images, 2 s each
+        clock.now += 2.0
+        reporter.step(6.0, True)
+      with reporter.timed('eval'):
+        clock.now += 10.0
+      with reporter.timed('checkpoint'):
+        clock.now += 1.5
+      clock.now += 2.0  # a fifth step
+      reporter.step(6.0, False)  # skipped: no loss, but its time is training
+      reporter.log_train(6, {'learning_rate': 1e-3, 'grad_norm': 1.0})
+      with reporter.timed('sample'):
+        clock.now += 0.5
+      timing = reporter.log_timing(6)
+
+    self.assertEqual(
+      timing,
+      {
+        'wall_s': 52.0,
+        'train_s': 10.0,
+        'first_call_s': 30.0,
+        'eval_s': 10.0,
+        'checkpoint_s': 1.5,
+        'sample_s': 0.5,
+        'train_images_per_s': 8.0,  # 5 steps x 16 images / 10 s
+      },
+    )
+    self.assertEqual(result.timing, timing)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    # The window: 5 timed steps in 10 s of training; its loss averages the applied steps,
+    # the first loop's included.
+    self.assertEqual(records[0]['images_per_s'], 8.0)
+    scale = config.model.bits_per_dim_scale
+    self.assertAlmostEqual(records[0]['train_bits_per_dim'], (8.0 + 4 * 6.0) / 5 * scale)
+    self.assertEqual(records[1], {'step': 6, 'timing': timing})
+
+  def test_a_window_of_first_loop_steps_only_has_no_throughput(self):
+    workdir = self._new_dir()
+    config = TrainConfig(progress_bar=False)
+    reporter = train_loop.Reporter(config, workdir, train_loop.TrainResult(step=0, start_step=0))
+    reporter.step(8.0, True, timed=False)
+    reporter.log_train(1, {'learning_rate': 1e-3, 'grad_norm': 1.0})
+    self.assertTrue(math.isnan(reporter.timing()['train_images_per_s']))
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      self.assertTrue(math.isnan(json.loads(f.readline())['images_per_s']))
+
+
+if __name__ == '__main__':
+  absltest.main()
