@@ -34,7 +34,9 @@ static), `--grappler=pass=false,...` (`tf.config.optimizer` options), `--no_shar
 through the usual `MALLOC_*` environment variables. Results: docs/benchmarks.md section 4.
 
 Accounted sizes: parameter, batch-norm and optimizer-slot bytes; the traced graph (nodes in the
-function and its library, bytes of its `Const` tensors, serialized `GraphDef` size); for train,
+function and its library, bytes of its `Const` tensors, serialized `GraphDef` size, op types of
+the main graph, the largest library functions and the one holding the update's kernels, against
+`trainable_variables`: docs/benchmarks.md "The per-variable update (session 6)"); for train,
 the bytes of the forward tensors the gradient ops read (`saved_for_backward`: the forward pass is
 what the step's `loss` depends on through data edges, minus everything downstream of the tape's
 ops; a forward tensor read by any other live op counts once per buffer: views made by
@@ -130,7 +132,13 @@ def _tensor_bytes(tensor, batch_size):
 
 
 def graph_stats(concrete_function):
-  """Nodes, `Const` bytes and serialized size of a traced function and its library."""
+  """Nodes, `Const` bytes and serialized size of a traced function and its library.
+
+  Also the main graph's op types (`main_top_ops`), the biggest library functions with theirs
+  (`largest_functions`: name, nodes, top op types) and the functions that apply the update
+  (`update_functions`: name, nodes, `ResourceApply*` kernels; in the training step the update's
+  `tf.cond` branch, `cond_true_*`, one kernel per variable).
+  """
   from tensorflow.python.framework import tensor_util
 
   graph_def = concrete_function.graph.as_graph_def()
@@ -143,6 +151,7 @@ def graph_stats(concrete_function):
     op_types[node.op] += 1
     if node.op == 'Const' and 'value' in node.attr:
       const_bytes += tensor_util.MakeNdarray(node.attr['value'].tensor).nbytes
+  functions = sorted(graph_def.library.function, key=lambda fn: -len(fn.node_def))
   return {
     'nodes': len(nodes),
     'main_graph_nodes': len(graph_def.node),
@@ -150,6 +159,21 @@ def graph_stats(concrete_function):
     'const_mb': const_bytes / 2**20,
     'graph_def_mb': graph_def.ByteSize() / 2**20,
     'top_ops': op_types.most_common(12),
+    'main_top_ops': collections.Counter(node.op for node in graph_def.node).most_common(8),
+    'largest_functions': [
+      (
+        fn.signature.name,
+        len(fn.node_def),
+        collections.Counter(node.op for node in fn.node_def).most_common(6),
+      )
+      for fn in functions[:3]
+    ],
+    'update_functions': [
+      (fn.signature.name, len(fn.node_def), kernels)
+      for fn in functions
+      for kernels in [sum(node.op.startswith('ResourceApply') for node in fn.node_def)]
+      if kernels
+    ],
   }
 
 
@@ -379,6 +403,7 @@ def main(argv=None):
   model_lib.DenseFlow.initialize = original_initialize
 
   result['params'] = model.num_parameters()
+  result['trainable_variables'] = len(model.trainable_variables)
   result['param_mb'] = _bytes_of(model.trainable_variables) / 2**20
   result['bn_stat_mb'] = _bytes_of(model.non_trainable_keras_variables) / 2**20
   if args.phase == 'train':

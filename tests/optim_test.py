@@ -1,4 +1,11 @@
-"""Tests for tf_denseflow.optim.Adamax: the fused update equals Keras's Adamax; its guard."""
+"""Tests for tf_denseflow.optim.Adamax: the fused update equals Keras's Adamax; its guard.
+
+The update shares its kernel's scalars between variables (`Adamax._distributed_tf_update_step`):
+it must equal the previous per-variable update (and `Adamax.update_step`) bit for bit, and cost
+one op per variable.
+"""
+
+import collections
 
 import keras
 import numpy as np
@@ -9,13 +16,63 @@ from tf_denseflow import cluster, optim
 from tf_denseflow.optim import Adamax
 
 
-def _run(optimizer_cls, strategy, steps=4, learning_rate=1e-2):
+class _KerasLoopAdamax(Adamax):
+  """`Adamax` through Keras's loop: `update_step`, with its own scalars, for every variable."""
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+    return keras.optimizers.Adamax._distributed_tf_update_step(
+      self, distribution, grads_and_vars, learning_rate
+    )
+
+
+class _PerVariableAdamax(_KerasLoopAdamax):
+  """The update before session 6: Keras's loop, every variable computing its kernel's scalars.
+
+  `update_step` as it was (kept here, independent of `Adamax.kernel_scalars`).
+  """
+
+  def update_step(self, gradient, variable, learning_rate):
+    dtype = variable.dtype
+    index = self._get_variable_index(variable)
+    beta_1 = tf.cast(self.beta_1, dtype)
+    beta_1_power = tf.pow(beta_1, tf.cast(self.iterations + 1, dtype))
+    tf.raw_ops.ResourceApplyAdaMax(
+      var=optim._resource(variable).handle,
+      m=optim._resource(self._m[index]).handle,
+      v=optim._resource(self._u[index]).handle,
+      beta1_power=beta_1_power,
+      lr=tf.cast(learning_rate, dtype),
+      beta1=beta_1,
+      beta2=tf.cast(self.beta_2, dtype),
+      epsilon=tf.cast(self.epsilon, dtype),
+      grad=tf.cast(gradient, dtype),
+    )
+
+
+def _strategy(kind):
+  if kind == 'default':
+    return tf.distribute.get_strategy()
+  devices = [d.name for d in tf.config.list_logical_devices('CPU')]
+  return cluster.mirrored_strategy(devices[: 1 if kind == 'mirrored_1' else 2])
+
+
+def _graph_op_counts(concrete_function):
+  """Op types of a traced function's graph and of every function in its library."""
+  graph = concrete_function.graph
+  counts = collections.Counter(op.type for op in graph.get_operations())
+  for function in graph.as_graph_def().library.function:
+    counts.update(node.op for node in function.node_def)
+  return counts
+
+
+def _run(optimizer_cls, strategy, steps=4, learning_rate=1e-2, dtypes=None):
   rng = np.random.default_rng(0)
   shapes = [(3, 4), (5,), (2, 2, 3)]
-  inits = [rng.normal(size=s).astype(np.float32) for s in shapes]
-  grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(steps)]
+  dtypes = dtypes or [np.float32] * len(shapes)
+  inits = [rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)]
+  grads = [[rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)] for _ in range(steps)]
   with strategy.scope():
-    variables = [keras.Variable(x) for x in inits]
+    variables = [keras.Variable(x, dtype=x.dtype.name) for x in inits]
     optimizer = optimizer_cls(learning_rate=learning_rate, epsilon=1e-7)
     optimizer.build(variables)
 
@@ -30,11 +87,22 @@ def _run(optimizer_cls, strategy, steps=4, learning_rate=1e-2):
   for g in grads:
     step([tf.constant(x) for x in g])
   slots = [v.numpy() for v in optimizer._m] + [v.numpy() for v in optimizer._u]
-  graph = step.get_concrete_function([tf.constant(x) for x in grads[0]]).graph
-  op_types = {op.type for op in graph.get_operations()}
-  for function in graph.as_graph_def().library.function:
-    op_types |= {node.op for node in function.node_def}
+  op_types = set(_graph_op_counts(step.get_concrete_function([tf.constant(x) for x in grads[0]])))
   return [v.numpy() for v in variables], slots, int(optimizer.iterations.numpy()), op_types
+
+
+def _update_op_counts(num_variables, strategy):
+  """Op types of one traced `apply` of `num_variables` gradients (learning rate: a callable)."""
+  with strategy.scope():
+    variables = [keras.Variable(np.ones([2], np.float32)) for _ in range(num_variables)]
+    optimizer = Adamax(learning_rate=lambda: tf.constant(1e-3) * 2.0)
+    optimizer.build(variables)
+
+  @tf.function(autograph=False)
+  def step(grads):
+    strategy.run(lambda g: optimizer.apply(g, variables), args=(grads,))
+
+  return _graph_op_counts(step.get_concrete_function([tf.ones([2])] * num_variables))
 
 
 class AdamaxTest(tf.test.TestCase, parameterized.TestCase):
@@ -57,6 +125,46 @@ class AdamaxTest(tf.test.TestCase, parameterized.TestCase):
     got, got_slots, _, _ = _run(Adamax, cluster.mirrored_strategy(devices))
     for a, b in zip(got + got_slots, want + want_slots):
       self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
+
+  @parameterized.named_parameters(
+    ('default_strategy', 'default'),
+    ('one_mirrored_replica', 'mirrored_1'),
+    ('two_mirrored_replicas', 'mirrored_2'),
+  )
+  def test_shared_scalars_equal_the_per_variable_update_bit_for_bit(self, strategy):
+    # Scalars made once per device and dtype (here float32 and float64 variables and a
+    # schedule's learning rate) give exactly the values of every variable computing its own.
+    dtypes = [np.float32, np.float64, np.float32]
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.75)
+    want, want_slots, want_iterations, _ = _run(
+      _PerVariableAdamax, _strategy(strategy), steps=5, learning_rate=schedule, dtypes=dtypes
+    )
+    for cls in (Adamax, _KerasLoopAdamax):  # shared scalars; today's update_step per variable
+      got, got_slots, got_iterations, got_ops = _run(
+        cls, _strategy(strategy), steps=5, learning_rate=schedule, dtypes=dtypes
+      )
+      self.assertEqual(got_iterations, want_iterations)
+      self.assertEqual(got_iterations, 5)
+      self.assertIn('ResourceApplyAdaMax', got_ops)
+      for a, b in zip(got + got_slots, want + want_slots, strict=True):
+        self.assertEqual(a.dtype, b.dtype)
+        self.assertAllEqual(a, b)  # bit for bit, not close
+
+  @parameterized.named_parameters(
+    ('default_strategy', 'default'),
+    ('one_mirrored_replica', 'mirrored_1'),
+  )
+  def test_update_costs_one_op_per_variable(self, strategy):
+    # Beyond its captured handles and gradient argument (Placeholders: the variable, m, u and
+    # the gradient), a variable adds only its ResourceApplyAdaMax to the traced update; with
+    # the scalars made per variable (`update_step`) it added nine more: a read of iterations,
+    # +1, two casts, pow and four constants (ten with a learning rate held in a variable).
+    small = _update_op_counts(4, _strategy(strategy))
+    large = _update_op_counts(12, _strategy(strategy))
+    growth = large - small
+    placeholders = growth.pop('Placeholder', 0)
+    self.assertEqual(dict(growth), {'ResourceApplyAdaMax': 8}, 'ops added by 8 more variables')
+    self.assertLessEqual(placeholders, 4 * 8)
 
   def test_checkpoint_loads_into_keras_adamax(self):
     variables = [keras.Variable(np.ones([3], np.float32))]

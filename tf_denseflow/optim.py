@@ -12,6 +12,13 @@ one pass (`w -= lr / (1 - beta_1^t) * m / (u + eps)`: equal up to float rounding
 hyper-parameters and checkpoints are Keras's `Adamax`'s, so checkpoints of either load in
 the other.
 
+The kernel's scalar inputs (`beta_1^t`, `lr`, `beta_1`, `beta_2`, `eps` in the variable's dtype)
+are the same for every variable: `apply` makes them once per step (per device and dtype) and
+passes them to every variable's kernel, so the traced update is one op per variable instead of
+ten (a read of `iterations`, `+ 1`, two casts, `pow`, four constants and the kernel; eleven with
+a read of the learning rate when it is a variable). The values are the same, computed once: the
+result is bit-identical to calling `update_step` per variable.
+
 The kernel writes in place, so whether an update would be finite has to be known before it runs
 (`Adamax.update_is_safe`). With valid hyper-parameters (checked by the constructor) and
 gradients whose global norm is finite (the training step checks that, so every entry is at most
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Dict
 
 import keras
 import numpy as np
@@ -120,23 +128,64 @@ class Adamax(keras.optimizers.Adamax):
   def _all_reduce_sum_gradients(self, grads_and_vars):
     return list(grads_and_vars)
 
-  def update_step(self, gradient, variable, learning_rate):
-    """Applies one Adamax step to `variable` with `ResourceApplyAdaMax`."""
-    dtype = variable.dtype
-    index = self._get_variable_index(variable)
+  def kernel_scalars(self, dtype, learning_rate) -> Dict[str, tf.Tensor]:
+    """The scalar inputs of this step's `ResourceApplyAdaMax`, shared by every variable.
+
+    Args:
+      dtype: the variables' dtype (the kernel takes its scalars in it).
+      learning_rate: the step's learning rate (a tensor, variable or float).
+
+    Returns:
+      `{beta1_power, lr, beta1, beta2, epsilon}`, scalars of `dtype`; `beta1_power` is
+      `beta_1 ** (iterations + 1)` read now (before `apply` increments `iterations`).
+    """
     beta_1 = tf.cast(self.beta_1, dtype)
-    beta_1_power = tf.pow(beta_1, tf.cast(self.iterations + 1, dtype))
+    return {
+      'beta1_power': tf.pow(beta_1, tf.cast(self.iterations + 1, dtype)),
+      'lr': tf.cast(learning_rate, dtype),
+      'beta1': beta_1,
+      'beta2': tf.cast(self.beta_2, dtype),
+      'epsilon': tf.cast(self.epsilon, dtype),
+    }
+
+  def _apply_kernel(self, gradient, variable, scalars: Dict[str, tf.Tensor]) -> None:
+    """`ResourceApplyAdaMax` on `variable` and its slots, with `kernel_scalars`'s scalars."""
+    index = self._get_variable_index(variable)
+    if gradient.dtype != variable.dtype:  # no Cast op when it already is the variable's dtype
+      gradient = tf.cast(gradient, variable.dtype)
     tf.raw_ops.ResourceApplyAdaMax(
       var=_resource(variable).handle,
       m=_resource(self._m[index]).handle,
       v=_resource(self._u[index]).handle,
-      beta1_power=beta_1_power,
-      lr=tf.cast(learning_rate, dtype),
-      beta1=beta_1,
-      beta2=tf.cast(self.beta_2, dtype),
-      epsilon=tf.cast(self.epsilon, dtype),
-      grad=tf.cast(gradient, dtype),
+      grad=gradient,
+      **scalars,
     )
+
+  def update_step(self, gradient, variable, learning_rate):
+    """Applies one Adamax step to `variable` with `ResourceApplyAdaMax` and its own scalars.
+
+    Keras's per-variable interface; `apply` does not call it, it shares the scalars between
+    variables (`_distributed_tf_update_step`), with the same result bit for bit.
+    """
+    self._apply_kernel(gradient, variable, self.kernel_scalars(variable.dtype, learning_rate))
+
+  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+    """Keras's per-variable `distribution.extended.update` loop, with shared kernel scalars.
+
+    The scalars are made in the first update on each device (MirroredStrategy runs the update
+    function under each replica's device; `learning_rate` is that replica's) for each dtype,
+    and reused by every later variable there: one set per step, device and dtype.
+    """
+    scalars = {}
+
+    def update(variable, gradient, learning_rate):
+      key = (variable.device, variable.dtype)
+      if key not in scalars:
+        scalars[key] = self.kernel_scalars(variable.dtype, learning_rate)
+      self._apply_kernel(gradient, variable, scalars[key])
+
+    for gradient, variable in grads_and_vars:
+      distribution.extended.update(variable, update, args=(gradient, learning_rate), group=False)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ per replica (optionally XLA-compiled; nothing in it assigns or synchronises):
   loss  = compute_average_loss(nll, global_batch)     # SUM over replicas = global mean
   grads = d loss / d weights
   bn    = running statistics after this batch         # recorded, not assigned
-all_reduce: SUM(loss, grads), MEAN(bn)
+all_reduce: SUM(loss, grads), MEAN(bn)                # skipped with one replica (the identity)
 cross-replica, only if the step is safe:  optimizer.apply(grads); assign bn
 safe = finite loss, finite gradient norm, finite batch-norm statistics, and an update that
        cannot overflow (`optimizer.update_is_safe()`, checked before the in-place kernel)
@@ -188,9 +188,12 @@ def make_train_step(
     noise = noise_fn(images, seed, ctx.replica_id_in_sync_group)
     scale = None if loss_scale is None else tf.convert_to_tensor(loss_scale.scale)
     loss, grads, bn_values = loss_and_grads(images, noise, scale)
-    loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
-    if bn_values:
-      bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
+    if ctx.num_replicas_in_sync > 1:
+      # One replica: the SUM and MEAN are the values themselves, and the all-reduce would only
+      # add graph ops per gradient (its tf.custom_gradient wrapper makes an Identity for each).
+      loss, grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, grads])
+      if bn_values:
+        bn_values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, bn_values)
     # A NaN or Inf in any gradient makes the global norm non-finite: one check instead of one
     # per variable. (A norm that overflows float32, > 1.8e19, also counts as non-finite; so every
     # applied gradient entry is below 1.8e19, which the update bound relies on.)
