@@ -138,12 +138,12 @@ def make_train_dataset(
 ) -> tf.data.Dataset:
   """The infinite, shuffled, augmented training stream of uint8 `[B, H, W, 3]` batches.
 
-  Determinism: with an integer `seed`, the stream is a pure function of `(config, batch_size,
-  input pipeline, seed)`. The order of the record files is shuffled once from `seed` (the same
-  for every epoch); epoch `e` is the (cached) split passed through a shuffle buffer seeded from
-  `(seed, pipeline, e)`; example `i` of epoch `e` is augmented with the stateless seed
-  `fold_in(fold_in((seed, pipeline), e), i)`; batches run across epoch boundaries and drop no
-  examples. So the sequence of examples does not depend on `batch_size`: batch `k` holds examples
+  Determinism: with an integer `seed`, the stream is a pure function of `(config, seed)`, the
+  same for every input pipeline (each keeps its own batches of it, `input_context`). The order
+  of the record files is shuffled once from `seed` (the same for every epoch); epoch `e` is the
+  (cached) split passed through a shuffle buffer seeded from `fold_in((seed, 0), e)`; example
+  `i` of epoch `e` is augmented with the stateless seed `fold_in(fold_in((seed, 0), e), i)`;
+  batches run across epoch boundaries and drop no examples. So the sequence of examples does not depend on `batch_size`: batch `k` holds examples
   `k * batch_size ...` of it, and `batch_size=N` gives its first `N` examples as one batch (the
   images of ActNorm's initialisation, `--init_examples`). `skip_batches=N` starts directly in
   the epoch that holds batch N, so it costs at most one epoch of reading and gives exactly the
