@@ -26,8 +26,9 @@ SHA-256 checksums of the uint8 NHWC bytes, as the official script does). `--adam
 runs ours with another epsilon (2.13e-5 = the official one in our gradient units).
 
 Output JSON: `curve` = a list of `{step, test_bpd, train_bpd, seconds}` (train_bpd: mean
-training loss of the steps since the previous point; seconds: wall-clock since the first
-training step, evaluations included), `train_bpd_per_step`, `lr_per_step`, `step_s`, the
+training loss of the steps since the previous point; seconds: wall-clock since
+`train_lib.train` was called, so set-up, ActNorm init, tracing and evaluations included; the
+official script's clock starts at its training loop: compare `step_s`, not `seconds`), `train_bpd_per_step`, `lr_per_step`, `step_s`, the
 recipe, the checksums, `timing` (median step, mean evaluation) and `adamax_at_end` (entries
 where our eps, or the official one, would slow the Adamax step: docs/benchmarks.md 6.2 item 2).
 """
@@ -360,9 +361,12 @@ def compare(paths, key='test_bpd') -> str:
         cells.append(f'{(m1 - m0) / se:+.1f}' if se > 0 else '-')
         a, b = (values[i][step] for i in impls)
         diffs = [b[k] - a[k] for k in a if k in b]
-        mean, std = _mean_std(diffs)
-        cells.append(_fmt(mean, std, len(diffs)).replace(f'{mean:.4f}', f'{mean:+.4f}', 1))
-        cells.append(f'{mean / (std / math.sqrt(len(diffs))):+.1f}' if std else '-')
+        if not diffs:  # no seed run by both codes: nothing to pair
+          cells += ['-', '-']
+        else:
+          mean, std = _mean_std(diffs)
+          cells.append(_fmt(mean, std, len(diffs)).replace(f'{mean:.4f}', f'{mean:+.4f}', 1))
+          cells.append(f'{mean / (std / math.sqrt(len(diffs))):+.1f}' if std else '-')
     lines.append(' | '.join(cells))
   seed_line = '; '.join(f'{i}: seeds {sorted(seeds[i], key=str)}' for i in impls)
   note = (

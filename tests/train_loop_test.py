@@ -6,7 +6,6 @@ throughput compares with `tf_denseflow.bench`'s step rate (docs/benchmarks.md se
 """
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -39,7 +38,7 @@ class ReporterTimingTest(absltest.TestCase):
     config = TrainConfig(optim=OptimConfig(global_batch_size=16), progress_bar=False)
     result = train_loop.TrainResult(step=0, start_step=0)
     with mock.patch.object(train_loop.time, 'time', clock):
-      reporter = train_loop.Reporter(config, workdir, result)
+      reporter = train_loop.Reporter(config, workdir, result, started=clock.now - 4.0)
       with reporter.timed('first_call'):  # the first loop: one step, 30 s of tracing
         clock.now += 30.0
       reporter.step(8.0, True, timed=False)
@@ -60,8 +59,9 @@ class ReporterTimingTest(absltest.TestCase):
     self.assertEqual(
       timing,
       {
-        'wall_s': 52.0,
+        'wall_s': 56.0,
         'train_s': 10.0,
+        'setup_s': 4.0,
         'first_call_s': 30.0,
         'eval_s': 10.0,
         'checkpoint_s': 1.5,
@@ -85,9 +85,23 @@ class ReporterTimingTest(absltest.TestCase):
     reporter = train_loop.Reporter(config, workdir, train_loop.TrainResult(step=0, start_step=0))
     reporter.step(8.0, True, timed=False)
     reporter.log_train(1, {'learning_rate': 1e-3, 'grad_norm': 1.0})
-    self.assertTrue(math.isnan(reporter.timing()['train_images_per_s']))
+    self.assertIsNone(reporter.timing()['train_images_per_s'])
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      self.assertTrue(math.isnan(json.loads(f.readline())['images_per_s']))
+      record = json.loads(f.readline())  # strict JSON: no NaN
+    self.assertNotIn('images_per_s', record)
+    self.assertIn('train_bits_per_dim', record)
+
+  def test_an_unknown_kind_is_refused_before_the_body_runs(self):
+    reporter = train_loop.Reporter(
+      train_loop.TrainConfig(progress_bar=False),
+      self._new_dir(),
+      train_loop.TrainResult(step=0, start_step=0),
+    )
+    ran = []
+    with self.assertRaisesRegex(ValueError, 'kind'):
+      with reporter.timed('evaluation'):
+        ran.append(True)
+    self.assertEmpty(ran)
 
 
 if __name__ == '__main__':

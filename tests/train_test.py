@@ -158,9 +158,16 @@ class TrainLoopTest(_TestCase):
     # The last record: where the time went (train_loop.Reporter.timing), as in the result.
     self.assertEqual(records[-1], {'step': 3, 'timing': two.timing})
     timing = two.timing
-    parts = ('train_s', 'first_call_s', 'eval_s', 'checkpoint_s', 'sample_s')
+    parts = ('train_s', 'setup_s', 'first_call_s', 'eval_s', 'checkpoint_s', 'sample_s')
     self.assertAlmostEqual(sum(timing[k] for k in parts), timing['wall_s'], delta=0.01)
-    for key in ('first_call_s', 'eval_s', 'checkpoint_s', 'sample_s', 'train_images_per_s'):
+    for key in (
+      'setup_s',
+      'first_call_s',
+      'eval_s',
+      'checkpoint_s',
+      'sample_s',
+      'train_images_per_s',
+    ):
       self.assertGreater(timing[key], 0.0, key)
     # Every variable (weights, batch-norm statistics, optimizer slots) is in sync on both replicas.
     model = two.model

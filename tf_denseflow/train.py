@@ -98,6 +98,7 @@ def main(argv: Sequence[str]) -> None:
   if result.stopped_by:
     print(f'stopped by {result.stopped_by} at step {result.step}')
     print(f'checkpoint: {result.checkpoint}')
+    print(_timing_line(result))
     sys.exit(143)
   if not result.is_chief:  # the chief evaluates, samples and exports for the run
     print(f'done at step {result.step} (not the chief: the chief writes {FLAGS.workdir})')
@@ -117,10 +118,13 @@ def _timing_line(result) -> str:
   """Where the run's time went, one line (`train_loop.Reporter.timing`)."""
   t = result.timing
   steps = result.step - result.start_step
+  rate = t['train_images_per_s']
+  rate = f'; then {rate:.1f} images/s' if rate is not None else ''
   return (
-    f'time: {t["wall_s"]:.0f} s = {steps} steps {t["train_s"] + t["first_call_s"]:.0f} s (first '
-    f'call {t["first_call_s"]:.0f} s; then {t["train_images_per_s"]:.1f} images/s) + evaluation '
-    f'{t["eval_s"]:.0f} s + checkpoints {t["checkpoint_s"]:.0f} s + samples {t["sample_s"]:.0f} s'
+    f'time: {t["wall_s"]:.0f} s = set-up {t["setup_s"]:.0f} s + {steps} steps '
+    f'{t["train_s"] + t["first_call_s"]:.0f} s (first call {t["first_call_s"]:.0f} s{rate}) + '
+    f'evaluation {t["eval_s"]:.0f} s + checkpoints {t["checkpoint_s"]:.0f} s + samples '
+    f'{t["sample_s"]:.0f} s'
   )
 
 

@@ -120,7 +120,7 @@ class TrainConfig:
     None,
     "Images of ActNorm's data-dependent initialisation (glow's n_batch_init): the first "
     'init_examples images of the training stream, with the seed, shuffle and augmentation of '
-    'training (2 x --global_batch_size: the images of the first two steps), in one forward '
+    'training (e.g. 2 x --global_batch_size: the images of the first two steps), in one forward '
     'pass whose memory grows with them; default: --global_batch_size (the first training '
     'batch, as the official code). Not used when resuming.',
     minimum=1,

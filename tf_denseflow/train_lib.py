@@ -11,7 +11,8 @@ WORKDIR/train_config.json      every setting of the run (evaluate/sample read th
 WORKDIR/checkpoints/ckpt-N     tf.train.Checkpoint(model, optimizer, step, nonfinite_steps,
                                                    model_config)
 WORKDIR/tb/                    TensorBoard scalars and sample grids
-WORKDIR/metrics.jsonl          one JSON line per log/eval point (step, wall-clock, bits_per_dim)
+WORKDIR/metrics.jsonl          one JSON line per log/eval point (step, wall-clock, bits_per_dim),
+                               and one `timing` line per process at its end
 WORKDIR/samples_stepN.png      the final sample grid
 ```
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable, Dict, Iterator, Optional
 
 import tensorflow as tf
@@ -196,6 +198,7 @@ def train(
     KeyboardInterrupt: after saving a checkpoint (when the weights are finite).
     data.DatasetNotFoundError: the dataset is not prepared.
   """
+  started = time.time()  # the run's clock (`TrainResult.timing`)
   if not workdir:
     raise ConfigError('--workdir is required.')
   strategy = make_strategy(
@@ -244,7 +247,7 @@ def train(
     optimizer=trainer.optimizer,
     nonfinite_steps=int(trainer.nonfinite_steps.numpy()),
   )
-  reporter = train_loop.Reporter(config, workdir, result, write=worker.is_chief)
+  reporter = train_loop.Reporter(config, workdir, result, write=worker.is_chief, started=started)
   with _worker_faults(trainer):
     train_loop.run(trainer, reporter, step_callback)
 
@@ -263,10 +266,10 @@ def train(
   if config.num_grid_samples and worker.is_chief:
     with reporter.timed('sample'):
       images = trainer.draw_samples()
-    summaries.write_image_grid(reporter.writer, 'samples', images, current)
-    result.samples = summaries.save_png(
-      summaries.image_grid(images), workdir_lib.train_samples_path(workdir, current)
-    )
+      summaries.write_image_grid(reporter.writer, 'samples', images, current)
+      result.samples = summaries.save_png(
+        summaries.image_grid(images), workdir_lib.train_samples_path(workdir, current)
+      )
   reporter.log_timing(current)
   reporter.writer.flush()
   return result

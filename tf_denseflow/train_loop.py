@@ -148,18 +148,28 @@ class _SkipStreak:
 class Reporter:
   """TensorBoard scalars, `metrics.jsonl`, the progress bar, the window of train losses, timing.
 
-  Time is booked by kind (`timed`): `first_call` (the process's first training loop: tracing and
-  graph optimisation), `eval`, `checkpoint` and `sample`; the rest of the run's wall-clock time is
-  training (steps, input pipeline, host syncs, logging). The logged `images_per_s` is the
+  Time is booked by kind (`timed`): `setup` (from `started` to the Reporter: strategy, data
+  checks, model, restore or ActNorm init), `first_call` (the process's first training loop:
+  tracing and graph optimisation), `eval`, `checkpoint` and `sample` (drawing and writing the
+  grids); the rest of the run's wall-clock time is training (steps, input pipeline, host syncs,
+  logging, the `step_callback`). The logged `images_per_s` is the
   training throughput of the window, without the other kinds' time, so it compares with
   `tf_denseflow.bench`'s step rate (docs/benchmarks.md section 5).
 
   Only the chief of a multi-worker run writes (`write=False` elsewhere: no files, no bar).
   """
 
-  TIMED = ('first_call', 'eval', 'checkpoint', 'sample')
+  TIMED = ('setup', 'first_call', 'eval', 'checkpoint', 'sample')
 
-  def __init__(self, config: TrainConfig, workdir: str, result: TrainResult, write: bool = True):
+  def __init__(
+    self,
+    config: TrainConfig,
+    workdir: str,
+    result: TrainResult,
+    write: bool = True,
+    started: Optional[float] = None,
+  ):
+    """`started`: when the run began (`time.time()`; default now): the time until now is `setup`."""
     self.config = config
     self.result = result
     self.write = write
@@ -168,9 +178,11 @@ class Reporter:
     else:
       self.writer = tf.summary.create_noop_writer()
     self.metrics_path = workdir_lib.metrics_path(workdir)
-    self.run_start = time.time()
+    now = time.time()
+    self.run_start = now if started is None else started
     self.progress = None  # created after the first loop, so that tracing does not skew the ETA
     self.seconds = {kind: 0.0 for kind in self.TIMED}
+    self.seconds['setup'] = now - self.run_start
     self.trained_steps = 0  # steps outside the first loop (the throughput's steps)
     self._reset_window()
 
@@ -179,7 +191,13 @@ class Reporter:
 
   @contextlib.contextmanager
   def timed(self, kind: str) -> Iterator[None]:
-    """Books the time of the `with` body as `kind` (one of `TIMED`), not as training."""
+    """Books the time of the `with` body as `kind`, not as training.
+
+    Raises:
+      ValueError: `kind` is not one of `TIMED` (before the body runs).
+    """
+    if kind not in self.TIMED:
+      raise ValueError(f'`kind` must be one of {self.TIMED}, got {kind!r}.')
     start = time.time()
     try:
       yield
@@ -204,8 +222,9 @@ class Reporter:
   def timing(self) -> Dict[str, float]:
     """Seconds since the start by kind, and the training throughput (images/s).
 
-    `wall_s` = `train_s` + `first_call_s` + `eval_s` + `checkpoint_s` + `sample_s`;
-    `train_images_per_s` = images of the steps after the first loop / `train_s`.
+    `wall_s` = `train_s` + `setup_s` + `first_call_s` + `eval_s` + `checkpoint_s` + `sample_s`;
+    `train_images_per_s` = images of the steps after the first loop / `train_s` (None when every
+    step of this process was in the first loop).
     """
     wall = time.time() - self.run_start
     train = max(wall - sum(self.seconds.values()), 1e-9)
@@ -214,7 +233,7 @@ class Reporter:
       'wall_s': round(wall, 3),
       'train_s': round(train, 3),
       **{f'{kind}_s': round(seconds, 3) for kind, seconds in self.seconds.items()},
-      'train_images_per_s': round(images / train, 3) if self.trained_steps else math.nan,
+      'train_images_per_s': round(images / train, 3) if self.trained_steps else None,
     }
 
   def advance(self, current: int, num_steps: int) -> None:
@@ -235,7 +254,7 @@ class Reporter:
     """Writes the window's train bits/dim, training throughput and the last step's metrics."""
     elapsed = max(time.time() - self.window['start'] - self.window['other_s'], 1e-9)
     steps = self.window['steps']
-    images_per_s = steps * self.config.optim.global_batch_size / elapsed if steps else math.nan
+    images_per_s = steps * self.config.optim.global_batch_size / elapsed if steps else None
     scale = self.config.model.bits_per_dim_scale
     count = self.window['count']
     train_bpd = self.window['loss'] / count * scale if count else math.nan
@@ -246,13 +265,15 @@ class Reporter:
       'images_per_s': images_per_s,
       'skipped_steps': self.result.nonfinite_steps,
     }
+    if images_per_s is None:  # a window of first-loop steps only: their time is tracing
+      del values['images_per_s']
     summaries.write_scalars(self.writer, {f'train/{k}': v for k, v in values.items()}, current)
     elapsed_s = round(time.time() - self.run_start, 3)
     record = {f'train_{k}' if k == 'bits_per_dim' else k: v for k, v in values.items()}
     self._append({'step': current, 'elapsed_s': elapsed_s, **record})
     if self.progress is not None:
       postfix = {'bpd': f'{train_bpd:.3f}'}
-      if steps:  # not for a window of first-loop steps only (their time is tracing)
+      if images_per_s is not None:
         postfix['img_s'] = f'{images_per_s:.1f}'
       self.progress.set_postfix(postfix)
     self._reset_window()
@@ -360,8 +381,7 @@ def run(
           and _crossed(previous, current, config.sample_every)
         ):
           with reporter.timed('sample'):
-            images = trainer.draw_samples()
-          summaries.write_image_grid(reporter.writer, 'samples', images, current)
+            summaries.write_image_grid(reporter.writer, 'samples', trainer.draw_samples(), current)
         if step_callback is not None:
           step_callback(current, metrics, trainer.model)
         # A signal on any worker stops every worker after the same step (one all-reduce).

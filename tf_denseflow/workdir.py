@@ -5,7 +5,8 @@ WORKDIR/model_config.json      DenseFlowConfig as JSON (written once, read by ev
 WORKDIR/train_config.json      every setting of the training run (evaluate/sample read the data)
 WORKDIR/checkpoints/ckpt-N.*   tf.train.Checkpoint(model=..., step=..., model_config=..., ...)
 WORKDIR/tb/                    TensorBoard scalars and sample grids
-WORKDIR/metrics.jsonl          one JSON line per log/eval point of training
+WORKDIR/metrics.jsonl          one JSON line per log/eval point of training, and one `timing`
+                               line per training process at its end
 WORKDIR/samples_stepN.png      training's final sample grid
 WORKDIR/samples_tT_seedS.png   python -m tf_denseflow.sample's grid
 WORKDIR/eval_SPLIT_kK.json     python -m tf_denseflow.evaluate's result

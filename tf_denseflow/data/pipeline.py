@@ -143,9 +143,10 @@ def make_train_dataset(
   of the record files is shuffled once from `seed` (the same for every epoch); epoch `e` is the
   (cached) split passed through a shuffle buffer seeded from `fold_in((seed, 0), e)`; example
   `i` of epoch `e` is augmented with the stateless seed `fold_in(fold_in((seed, 0), e), i)`;
-  batches run across epoch boundaries and drop no examples. So the sequence of examples does not depend on `batch_size`: batch `k` holds examples
-  `k * batch_size ...` of it, and `batch_size=N` gives its first `N` examples as one batch (the
-  images of ActNorm's initialisation, `--init_examples`). `skip_batches=N` starts directly in
+  batches run across epoch boundaries and drop no examples. So the sequence of examples does not
+  depend on `batch_size`: with one input pipeline, batch `k` holds examples `k * batch_size ...`
+  of it, and `batch_size=N` gives its first `N` examples as one batch (the images of ActNorm's
+  initialisation, `--init_examples`). `skip_batches=N` starts directly in
   the epoch that holds batch N, so it costs at most one epoch of reading and gives exactly the
   stream from batch N on (for resuming at step N).
   `seed=None` draws a fresh seed and lets tf.data reorder for throughput (not reproducible).
