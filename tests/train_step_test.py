@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
+from optim_test import _PerVariableAdamax, _strategy  # the pre-session-6 update, strategies
 
-from tf_denseflow import cluster, optim
 from tf_denseflow import train_step as train_step_lib
 from tf_denseflow.optim import Adamax
 
@@ -25,41 +25,6 @@ class _StubModel:
   """What `make_train_step` reads of the model: no batch-norm layers."""
 
   batch_norm_layers = ()
-
-
-class _PerVariableAdamax(Adamax):
-  """The update before session 6: Keras's loop, every variable computing its kernel's scalars.
-
-  `update_step` as it was (kept here, independent of `Adamax.kernel_scalars`).
-  """
-
-  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
-    return keras.optimizers.Adamax._distributed_tf_update_step(
-      self, distribution, grads_and_vars, learning_rate
-    )
-
-  def update_step(self, gradient, variable, learning_rate):
-    dtype = variable.dtype
-    index = self._get_variable_index(variable)
-    beta_1 = tf.cast(self.beta_1, dtype)
-    beta_1_power = tf.pow(beta_1, tf.cast(self.iterations + 1, dtype))
-    tf.raw_ops.ResourceApplyAdaMax(
-      var=optim._resource(variable).handle,
-      m=optim._resource(self._m[index]).handle,
-      v=optim._resource(self._u[index]).handle,
-      beta1_power=beta_1_power,
-      lr=tf.cast(learning_rate, dtype),
-      beta1=beta_1,
-      beta2=tf.cast(self.beta_2, dtype),
-      epsilon=tf.cast(self.epsilon, dtype),
-      grad=tf.cast(gradient, dtype),
-    )
-
-
-def _strategy(kind):
-  if kind == 'default':
-    return tf.distribute.get_strategy()
-  return cluster.mirrored_strategy([tf.config.list_logical_devices('CPU')[0].name])
 
 
 def _noise(seed):
