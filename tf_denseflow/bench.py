@@ -27,8 +27,9 @@ functions at the same time (CPU work; `trace_s`) while only one at a time runs t
 `flock` on FILE from the phase's first call, which then excludes tracing, to its last), so timings
 and peak memory are each process's own; `benchmarks/gpu_check.sh` uses it.
 
-FLOPs come from TF's profiler (`tf.compat.v1.profiler`, `float_operation()`) on the traced
-graphs of the eval and sample functions: ops with registered flop statistics (MatMul, Conv2D,
+FLOPs come from TF's profiler (`tf.compat.v1.profiler`, `float_operation()`) on the eval and
+sample functions traced once more with the networks inlined (`nn.shared_function.sharing(False)`:
+the profiler does not look inside the function calls of the shared networks): ops with registered flop statistics (MatMul, Conv2D,
 BiasAdd, element-wise ops, ...), counted as 2 per multiply-add. The training step counts as 3x the
 forward pass (forward + backward), the usual estimate; the gradient graph itself is not counted
 (backward convolutions have no registered statistics). For reference, the official model's
@@ -240,9 +241,10 @@ def run_benchmark(
 
   flops = None
   if with_flops and 'step_s' in phases['eval']:
-    # The traces of the timed functions (cached: same input signature), not new ones.
-    forward = count_flops(eval_fn.get_concrete_function(batches[0], seed_of(0)))
-    sampling = count_flops(sample_fn.get_concrete_function(seed_of(0)))
+    # Traced again with the networks inlined: the profiler counts one graph's ops, not those of
+    # the (shared, non-inlined) network functions it calls.
+    forward = count_flops(eval_fn.python_function, batches[0], seed_of(0))
+    sampling = count_flops(sample_fn.python_function, seed_of(0))
     if forward:
       flops = {
         'source': 'tf.compat.v1.profiler float_operation() on the traced eval/sample graphs; '

@@ -19,18 +19,25 @@ import numpy as np
 __all__ = ['build_phases', 'count_flops', 'device_info', 'sgemm_gflop_s']
 
 
-def count_flops(concrete_function) -> Optional[float]:
-  """Float operations of a traced function's graph (TF profiler), or None if unavailable."""
+def count_flops(fn, *args) -> Optional[float]:
+  """Float operations of `fn(*args)` (TF profiler), or None if unavailable.
+
+  `fn` is traced for the count with the networks inlined (`shared_function.sharing(False)`):
+  TF's profiler counts the ops of one graph and does not look inside function calls, so a graph
+  calling the shared network functions would count only what is around them.
+  """
   import tensorflow as tf
+
+  from tf_denseflow.nn import shared_function
 
   logger, level = tf.get_logger(), tf.get_logger().level
   logger.setLevel('ERROR')  # the v1 profiler warns about its own deprecated internals
   try:
+    with shared_function.sharing(False):
+      graph = tf.function(fn, autograph=False).get_concrete_function(*args).graph
     builder = tf.compat.v1.profiler.ProfileOptionBuilder
     options = builder(builder.float_operation()).with_empty_output().build()
-    return float(
-      tf.compat.v1.profiler.profile(concrete_function.graph, options=options).total_float_ops
-    )
+    return float(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
   except Exception:  # noqa: BLE001 -- the profiler is best effort; timing does not depend on it.
     return None
   finally:
