@@ -91,6 +91,19 @@ class ReporterTimingTest(absltest.TestCase):
     self.assertNotIn('images_per_s', record)
     self.assertIn('train_bits_per_dim', record)
 
+  def test_a_window_of_skipped_steps_writes_null_not_nan(self):
+    workdir = self._new_dir()
+    reporter = train_loop.Reporter(
+      TrainConfig(progress_bar=False), workdir, train_loop.TrainResult(step=0, start_step=0)
+    )
+    reporter.step(float('nan'), False)  # skipped: the window has no applied loss
+    reporter.log_train(1, {'learning_rate': 1e-3, 'grad_norm': float('inf')})
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      line = f.readline()
+    record = json.loads(line, parse_constant=lambda name: self.fail(f'{name} in {line}'))
+    self.assertIsNone(record['train_bits_per_dim'])
+    self.assertIsNone(record['grad_norm'])
+
   def test_an_unknown_kind_is_refused_before_the_body_runs(self):
     reporter = train_loop.Reporter(
       train_loop.TrainConfig(progress_bar=False),

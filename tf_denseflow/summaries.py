@@ -9,6 +9,7 @@ the same in TensorBoard and need no extra dependency.
 from __future__ import annotations
 
 import io
+import json
 import math
 from typing import Mapping, Optional
 
@@ -19,7 +20,7 @@ from tensorflow.core.framework import summary_pb2
 from tf_denseflow import checks
 from tf_denseflow import workdir as workdir_lib
 
-__all__ = ['image_grid', 'save_png', 'write_image_grid', 'write_scalars']
+__all__ = ['append_json_line', 'image_grid', 'save_png', 'write_image_grid', 'write_scalars']
 
 
 def image_grid(images: np.ndarray, columns: Optional[int] = None, padding: int = 1) -> np.ndarray:
@@ -123,3 +124,16 @@ def write_scalars(
     for name, value in scalars.items():
       tf.summary.write(name, tf.constant(float(value), tf.float32), step=step, metadata=metadata)
   writer.flush()
+
+
+def append_json_line(path: str, record: Mapping) -> None:
+  """Appends `record` to the JSON-lines file `path` as strict JSON: NaN and Inf floats as null.
+
+  (`json.dumps` would write the non-standard `NaN`, e.g. for the bits/dim of a window of skipped
+  steps, which strict readers refuse.)
+  """
+  record = {
+    k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+  }
+  with tf.io.gfile.GFile(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -245,10 +244,8 @@ class Reporter:
       self.progress.update(num_steps)
 
   def _append(self, record: Dict) -> None:
-    if not self.write:
-      return
-    with tf.io.gfile.GFile(self.metrics_path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    if self.write:
+      summaries.append_json_line(self.metrics_path, record)
 
   def log_train(self, current: int, metrics: Dict[str, float]) -> None:
     """Writes the window's train bits/dim, training throughput and the last step's metrics."""
