@@ -117,5 +117,29 @@ class ReporterTimingTest(absltest.TestCase):
     self.assertEmpty(ran)
 
 
+class TimingLineTest(absltest.TestCase):
+  def test_the_console_line_adds_up_the_timing(self):
+    from tf_denseflow import train
+
+    result = train_loop.TrainResult(step=150, start_step=0)
+    result.timing = {
+      'wall_s': 327.0,
+      'train_s': 233.0,
+      'setup_s': 0.0,
+      'first_call_s': 33.0,
+      'eval_s': 59.7,
+      'checkpoint_s': 1.3,
+      'sample_s': 0.0,
+      'train_images_per_s': 10.23,
+    }
+    self.assertEqual(
+      train._timing_line(result),
+      'time: 327 s = set-up 0 s + 150 steps 266 s (first call 33 s; then 10.2 images/s) + '
+      'evaluation 60 s + checkpoints 1 s + samples 0 s',
+    )
+    result.timing['train_images_per_s'] = None  # every step in the first loop
+    self.assertIn('(first call 33 s)', train._timing_line(result))
+
+
 if __name__ == '__main__':
   absltest.main()

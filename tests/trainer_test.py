@@ -58,7 +58,7 @@ class InitExamplesTest(train_test._TestCase):
     default = _weights(self._initialised())
     self.assertLen(default, len(_weights(self._reference(4))))
     for weights in (_weights(self._initialised(init_examples=4)), _weights(self._reference(4))):
-      for a, b in zip(default, weights):
+      for a, b in zip(default, weights, strict=True):
         self.assertAllEqual(a, b)
 
   @parameterized.named_parameters(
@@ -69,10 +69,12 @@ class InitExamplesTest(train_test._TestCase):
   )
   def test_init_examples_are_the_first_images_of_the_stream(self, count, replicas):
     model = self._initialised(replicas=replicas, init_examples=count)
-    for a, b in zip(_weights(model), _weights(self._reference(count))):
+    for a, b in zip(_weights(model), _weights(self._reference(count)), strict=True):
       self.assertAllEqual(a, b)
     default = _actnorm_weights(self._reference(4))
-    self.assertTrue(any(np.any(a != b) for a, b in zip(_actnorm_weights(model), default)))
+    self.assertTrue(
+      any(np.any(a != b) for a, b in zip(_actnorm_weights(model), default, strict=True))
+    )
 
   @parameterized.named_parameters(
     ('zero', 0, '`--init_examples` must be >= 1, got 0'),
