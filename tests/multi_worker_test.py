@@ -61,7 +61,8 @@ def _finish(proc, timeout=300):
   except subprocess.TimeoutExpired:
     proc.kill()
     out, err = proc.communicate()
-    raise AssertionError(f'timed out:\n{err[-3000:]}') from None
+    # Both streams: the program's stdout says where it was (resumed, stopped, the time: line).
+    raise AssertionError(f'timed out:\n{out[-2000:]}\n{err[-3000:]}') from None
   return proc.returncode, out, err
 
 
