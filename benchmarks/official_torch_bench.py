@@ -55,6 +55,24 @@ def peak_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def official_model(official_dir: str, preset: str):
+  """The official model of `preset` at 32x32 through `get_model`, as the official training runs."""
+  sys.path.insert(0, os.path.join(official_dir, 'experiments', 'image'))  # model.model_flow
+  sys.path.insert(0, official_dir)  # the `denseflow` package
+  from model.model_flow import get_model  # official experiment module
+
+  block_conf, layers_conf, mid, growth, _, _ = PRESETS[preset]
+  margs = argparse.Namespace(
+    block_conf=list(block_conf),
+    layers_conf=list(layers_conf),
+    layer_mid_chnls=list(mid),
+    growth_rate=growth,
+    checkpointing=False,
+    num_classes=10,
+  )
+  return get_model(margs, data_shape=(3, 32, 32))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--official_dir', required=True, help='a checkout of matejgrcic/DenseFlow')
@@ -82,19 +100,10 @@ def main():
   assert a.steps >= 1 and a.warmup >= 0
 
   from denseflow.utils import elbo_bpd  # official loss (bits/dim)
-  from model.model_flow import get_model  # official experiment module
 
-  margs = argparse.Namespace(
-    block_conf=list(block_conf),
-    layers_conf=list(layers_conf),
-    layer_mid_chnls=list(mid),
-    growth_rate=growth,
-    checkpointing=False,
-    num_classes=10,
-  )
   data_shape = (3, 32, 32)
   t0 = time.perf_counter()
-  model = get_model(margs, data_shape=data_shape)
+  model = official_model(a.official_dir, a.preset)
   build_s = time.perf_counter() - t0
   n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
   n_all = sum(q.numel() for q in model.parameters())

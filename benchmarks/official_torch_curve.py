@@ -82,22 +82,10 @@ def to_torch(batch: np.ndarray) -> torch.Tensor:
 def build_model(official_dir: str, preset: str):
   """The official model through `get_model`, as `official_torch_bench.py` builds it."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from official_torch_bench import PRESETS
+  from official_torch_bench import PRESETS, official_model
 
-  sys.path.insert(0, os.path.join(official_dir, 'experiments', 'image'))  # model.model_flow
-  sys.path.insert(0, official_dir)  # the `denseflow` package
-  from model.model_flow import get_model
-
-  block_conf, layers_conf, mid, growth, expected, _ = PRESETS[preset]
-  margs = argparse.Namespace(
-    block_conf=list(block_conf),
-    layers_conf=list(layers_conf),
-    layer_mid_chnls=list(mid),
-    growth_rate=growth,
-    checkpointing=False,
-    num_classes=10,
-  )
-  model = get_model(margs, data_shape=(3, 32, 32))
+  expected = PRESETS[preset][4]
+  model = official_model(official_dir, preset)
   params = sum(q.numel() for q in model.parameters() if q.requires_grad)
   assert params == expected, f'parameter count {params} != expected {expected}'
   return model, params

@@ -334,10 +334,7 @@ def run(
     try:
       while current < total:
         num_steps = min(config.steps_per_loop, total - current)
-        if first_loop:
-          with reporter.timed('first_call'):
-            outputs = trainer.train(num_steps)
-        else:
+        with reporter.timed('first_call') if first_loop else contextlib.nullcontext():
           outputs = trainer.train(num_steps)
         previous, current = current, current + num_steps
         for i, step in enumerate(range(previous, current)):
