@@ -77,12 +77,15 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def _wait_for_step(workdir, step, procs, timeout=400):
-  """Waits (bounded) until the chief has logged `step`; False if a process ended first."""
+def _wait_for_step(workdir, step, procs, timeout=400, skip=0):
+  """Waits (bounded) until the chief has logged `step`; False if a process ended first.
+
+  `skip`: records already in metrics.jsonl (an earlier run's) that do not count.
+  """
   deadline = time.time() + timeout
   path = os.path.join(workdir, 'metrics.jsonl')
   while time.time() < deadline and all(p.poll() is None for p in procs):
-    if os.path.exists(path) and any(r['step'] >= step for r in _metrics(workdir)):
+    if os.path.exists(path) and any(r['step'] >= step for r in _metrics(workdir)[skip:]):
       return True
     time.sleep(0.3)
   for p in procs:
@@ -159,8 +162,11 @@ class MultiWorkerTest(parameterized.TestCase):
     ports = _free_ports(2)
     chief = _start(workdir, args, _tf_config(ports, 0))
     other = _start(workdir, args, _tf_config(ports, 1))
-    # SIGTERM only once both train: TF's coordination service swallows it during start-up.
-    self.assertTrue(_wait_for_step(workdir, latest + 2, [chief, other]))
+    # SIGTERM only once both train: TF's coordination service swallows it during start-up. The
+    # first run may have logged step latest + 2 before it died: only this run's records count
+    # (a flake once, when the SIGTERM came during start-up and both trained on towards step 400).
+    earlier = len(_metrics(workdir))
+    self.assertTrue(_wait_for_step(workdir, latest + 2, [chief, other], skip=earlier))
     other.send_signal(signal.SIGTERM)
     results = [_finish(chief, 120), _finish(other, 120)]
     for i, (code, out, err) in enumerate(results):
