@@ -187,6 +187,9 @@ def run_curve(args) -> dict:
   }
   result.update(check_data(args, config))
 
+  if args.init_weights:
+    _start_from(args.init_weights)
+    result['init_mode'] = f'the weights of {args.init_weights} (no ActNorm init of ours)'
   root = args.workdir or tempfile.mkdtemp(prefix='tfdf_curve_')
   if os.path.exists(root) and os.listdir(root):
     raise SystemExit(f'error: --workdir={root} is not empty (a run there would resume)')
@@ -211,6 +214,38 @@ def run_curve(args) -> dict:
     if not args.workdir and not args.keep_workdir:
       shutil.rmtree(root, ignore_errors=True)
   return result
+
+
+def _start_from(path: str) -> None:
+  """Fresh runs start from the official state_dict in `path`, not from our draws and init.
+
+  Both codes then start from the same weights (the same rotations, the same ActNorm init and
+  batch-norm statistics), which removes the seed spread of the initial weights from the
+  paired comparison (docs/benchmarks.md 6.2 item 5). A benchmark-only hook: it replaces the
+  fresh-run branch of `Trainer.restore_or_initialize` in this process.
+  """
+  from tf_denseflow import trainer as trainer_lib
+  from tf_denseflow.torch_config import check_preset, config_from_state_dict, preset_config
+  from tf_denseflow.torch_keys import load_state_dict
+  from tf_denseflow.torch_reader import read_state_dict
+
+  state, _ = read_state_dict(path)
+  resume = trainer_lib.Trainer.restore_or_initialize
+
+  def restore_or_initialize(self, resuming):
+    if resuming:
+      return resume(self, resuming)
+    config = self.config.model
+    check_preset(
+      preset_config(PRESET, config.image_shape),
+      config_from_state_dict(state, config.image_shape[:2]),
+    )
+    with self.strategy.scope():
+      assigned = load_state_dict(self.model, state)
+    print(f'[ours] started from {path}: {len(assigned)} official keys', flush=True)
+    return int(self.step.numpy())
+
+  trainer_lib.Trainer.restore_or_initialize = restore_or_initialize
 
 
 def _train_curve(args, config, workdir, curve, result) -> None:
@@ -411,6 +446,13 @@ def main(argv=None):
     action=argparse.BooleanOptionalAction,
     default=True,
     help='also evaluate at step 0 (after the ActNorm init)',
+  )
+  p.add_argument(
+    '--init_weights',
+    default=None,
+    metavar='NPZ',
+    help='start from these weights (an official state_dict after its ActNorm init: '
+    'official_torch_curve.py --save_init) instead of our own draws and ActNorm init',
   )
   p.add_argument('--npz', default=None, help='check the images against this export')
   p.add_argument('--workdir', default=None, help='an empty directory (default: a temporary one)')

@@ -121,6 +121,13 @@ def main():
   p.add_argument('--epoch_steps', type=int, default=0, help='>0: ExponentialLR every N steps')
   p.add_argument('--gamma', type=float, default=0.995, help='official --gamma default')
   p.add_argument('--threads', type=int, default=2)
+  p.add_argument(
+    '--save_init',
+    default=None,
+    metavar='NPZ',
+    help='write the state_dict after the ActNorm init (before step 0) for learning_curves.py '
+    '--init_weights: both codes then start from the same weights',
+  )
   p.add_argument('--json', default=None)
   a = p.parse_args()
 
@@ -229,6 +236,12 @@ def main():
       f'({time.perf_counter() - t:.1f} s)',
       flush=True,
     )
+  if a.save_init:
+    if init_mode != 'separate':
+      raise SystemExit('error: --save_init needs --init_mode=separate (the init before step 0)')
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    np.savez(a.save_init, **state)
+    print(f'[official] wrote {len(state)} arrays to {a.save_init}', flush=True)
   if a.eval_at_start:
     if init_mode == 'first_step':  # initialise on batch 0 in a fork, then restore everything
       saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
