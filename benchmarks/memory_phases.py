@@ -331,6 +331,12 @@ def main(argv=None):
     action='store_true',
     help='inline every network (nn.shared_function.ENABLED = False), as before session 5',
   )
+  parser.add_argument(
+    '--keep_concatenations',
+    action='store_true',
+    help='the dense blocks keep their concatenations for the backward pass, as before session 7 '
+    '(nn.recompute.ENABLED = False)',
+  )
   parser.add_argument('--no_graph_stats', action='store_true')
   parser.add_argument('--top', type=int, default=10, help='list the biggest saved tensors')
   parser.add_argument('--json', default=None)
@@ -359,6 +365,10 @@ def main(argv=None):
     from tf_denseflow.nn import shared_function
 
     shared_function.ENABLED = False
+  if args.keep_concatenations:
+    from tf_denseflow.nn import recompute
+
+    recompute.ENABLED = False
   if args.grappler:
     options = {}
     for item in args.grappler.split(','):

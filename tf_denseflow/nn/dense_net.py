@@ -24,8 +24,12 @@ class DenseLayer(Layer):
     self.conv_out = Conv(channels, growth, 3, compute_dtype=cd, seeds=seeds, activation='relu')
     self.built = True
 
+  def new_channels(self, x):
+    """The `growth` new channels; `x` a tensor or the list of pieces it concatenates (`Conv`)."""
+    return self.conv_out(self.conv_in(x))
+
   def call(self, x):
-    h = self.conv_out(self.conv_in(x))
+    h = self.new_channels(x)
     return tf.concat([tf.cast(x, h.dtype), h], axis=-1)
 
 
@@ -49,6 +53,11 @@ class DenseConvBlock(Layer):
   """`depth` dense layers (growth `growth`) then a gated 1x1 conv to `out_channels`.
 
   With `residual=True` the block returns `x + block(x)` (used by the dequantization flow).
+
+  Memory: layer j's input is `concat[x, g_1, .., g_j]` (the block input and the new channels
+  of the layers before it). The block hands the 1x1 convs the pieces, not the concatenation,
+  so where a gradient may be taken the backward pass rebuilds each concatenation from pieces
+  it keeps anyway instead of keeping it (`nn.recompute`). Same values and gradients.
   """
 
   def __init__(
@@ -79,10 +88,10 @@ class DenseConvBlock(Layer):
     self.built = True
 
   def call(self, x):
-    h = x
+    pieces = [x]
     for layer in self.dense_layers:
-      h = layer(h)
-    h = self.gate(h)
+      pieces.append(layer.new_channels(pieces))
+    h = self.gate(pieces)
     if self.residual:
       h = tf.cast(x, h.dtype) + h
     return h

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_denseflow import kernels
+from tf_denseflow.nn import recompute
 
 __all__ = [
   'BatchNorm',
@@ -203,21 +204,26 @@ class Conv(Layer):
     self.built = True
 
   def call(self, x):
-    if x.shape[-1] is not None and x.shape[-1] != self.in_channels:
-      raise ValueError(
-        f'{self.name}: expected {self.in_channels} input channels, got shape {x.shape}.'
-      )
+    """`x`: a tensor, or a list of tensors whose concatenation along the channels is the input
+    (a dense block's; a 1x1 matmul then does not keep the concatenation for the gradient:
+    `nn.recompute`)."""
+    pieces = list(x) if isinstance(x, (list, tuple)) else [x]
+    channels = [p.shape[-1] for p in pieces]
+    if None not in channels and sum(channels) != self.in_channels:
+      shapes = ', '.join(str(p.shape) for p in pieces)
+      raise ValueError(f'{self.name}: expected {self.in_channels} input channels, got {shapes}.')
     dtype = tf.as_dtype(self.compute_dtype_name)
-    x = tf.cast(x, dtype)
+    pieces = [tf.cast(p, dtype) for p in pieces]
     kernel = tf.cast(self.kernel, dtype)
     bias = None if self.bias is None else tf.cast(self.bias, dtype)
     cpu_kernels = kernels.resolve() == 'cpu'
-    if cpu_kernels and self.kernel_size == 1 and self.strides == 1:
+    if cpu_kernels and self.kernel_size == 1 and self.strides == 1 and None not in channels:
       # Bias and activation on the flat view, so grappler fuses them into the matmul.
-      flat = tf.reshape(x, [-1, self.in_channels])
-      y = tf.matmul(flat, tf.reshape(kernel, [self.in_channels, self.out_channels]))
-      y = self._bias_and_activation(y, bias)
-      return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.out_channels]], 0))
+      flat = [tf.reshape(p, [-1, c]) for p, c in zip(pieces, channels)]
+      kernel = tf.reshape(kernel, [self.in_channels, self.out_channels])
+      y = self._bias_and_activation(recompute.matmul_of_concatenation(flat, kernel), bias)
+      return tf.reshape(y, tf.concat([tf.shape(pieces[0])[:-1], [self.out_channels]], 0))
+    x = pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=-1)
     if (
       cpu_kernels
       and self.kernel_size == 3

@@ -27,7 +27,7 @@ and a non-inlined call inside its cluster was recompiled on every step) run `bod
 A trace is reused for every later call with the same key, so everything that changes what
 `body` traces must be in the key: the constructor arguments (`structure`), the input's shape and
 dtype, `training`, and the process-wide trace-time switches (`xla.compatible_now()`,
-`kernels.resolve()`; add any new one to `trace_key`). A variable read that is not one of the
+`kernels.resolve()`, `nn.recompute.gradient_expected()`; add any new one to `trace_key`). A variable read that is not one of the
 layer's `weights` would be captured from the first network into every one; a trace that captures
 a variable raises `RuntimeError`.
 """
@@ -42,6 +42,7 @@ import keras
 import tensorflow as tf
 
 from tf_denseflow import kernels, xla
+from tf_denseflow.nn import recompute
 from tf_denseflow.nn.layers import BatchNorm, BatchNormUpdates, Layer, collect_batch_norm_updates
 
 __all__ = ['ENABLED', 'FUNCTION_PREFIX', 'SharedNetwork', 'sharing']
@@ -96,13 +97,13 @@ def _weights(layer: Layer, training: bool) -> list:
 
 def _traced_body(x, weights, training, trace_key):
   """The shared function's Python body: the calling network's `body` as a function of weights."""
-  del trace_key  # distinguishes traces only
+  gradient_expected = trace_key[-1]  # the caller's (this trace is a graph of its own)
   layer = _STATE.template
   statistics = _RawStatistics(_batch_norms(layer))
   _STATE.inside = True
   try:
     with keras.StatelessScope(list(zip(_weights(layer, training), weights))):
-      with collect_batch_norm_updates(statistics):
+      with collect_batch_norm_updates(statistics), recompute.expecting_gradient(gradient_expected):
         y = layer.body(x, training=training)
   finally:
     _STATE.inside = False
@@ -162,7 +163,7 @@ class SharedNetwork(Layer):
       return self.body(x, training=training)
     fn = _function((type(self).__name__,) + tuple(self.structure))
     weights = [tf.convert_to_tensor(w) for w in _weights(self, training)]
-    trace_key = (xla.compatible_now(), kernels.resolve())
+    trace_key = (xla.compatible_now(), kernels.resolve(), recompute.gradient_expected())
     args = (x, weights, training, trace_key)
     traces = fn.experimental_get_tracing_count()
     _STATE.template = self  # the body to trace, if this call traces

@@ -1,0 +1,133 @@
+"""Tests for tf_denseflow.nn.recompute: dense blocks rebuild their concatenations for the gradient."""
+
+import collections
+import contextlib
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from tf_denseflow import nn
+from tf_denseflow.nn import recompute
+
+_RESHAPES = ('Reshape', 'Identity', 'Cast')
+
+
+def _root(tensor):
+  """The op whose buffer `tensor` views (through reshapes, identities and no-op casts)."""
+  op = tensor.op
+  while op.type in _RESHAPES and op.inputs:
+    op = op.inputs[0].op
+  return op
+
+
+def _concatenations_read_by_the_gradient(graph):
+  """Forward ConcatV2 ops whose buffer an op of the tape's gradient reads."""
+  names = set()
+  for op in graph.get_operations():
+    if not op.name.startswith('gradient_tape/'):
+      continue
+    for t in op.inputs:
+      root = _root(t)
+      if root.type == 'ConcatV2' and not root.name.startswith('gradient_tape/'):
+        names.add(root.name)
+  return names
+
+
+def _block(residual=False):
+  block = nn.DenseConvBlock(6, 6, depth=3, growth=4, residual=residual, seeds=nn.Seeds(3))
+  for v in block.trainable_variables:  # the gate starts at zero otherwise
+    v.assign(tf.random.stateless_normal(v.shape, [1, len(v.name)], stddev=0.3))
+  return block
+
+
+def _loss_and_grads(block, x):
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    loss = tf.reduce_sum(tf.sin(block(x)))
+  return loss, tape.gradient(loss, [x, *block.trainable_variables])
+
+
+class MatmulOfConcatenationTest(tf.test.TestCase):
+  def test_values_and_gradients_equal_concat_and_matmul_bit_for_bit(self):
+    rng = np.random.default_rng(0)
+    pieces = [tf.constant(rng.normal(size=[37, k]), tf.float32) for k in (4, 3, 4)]
+    b = tf.constant(rng.normal(size=[11, 5]), tf.float32)
+
+    def grads(rebuilt):
+      with tf.GradientTape() as tape:
+        tape.watch([b, *pieces])
+        if rebuilt:
+          y = recompute.matmul_of_concatenation(pieces, b)
+        else:
+          y = tf.matmul(tf.concat(pieces, axis=1), b)
+        loss = tf.reduce_sum(tf.cos(y))
+      return [y, *tape.gradient(loss, [b, *pieces])]
+
+    for run in (lambda f: f(), lambda f: tf.function(f)()):
+      got = run(lambda: grads(True))
+      want = run(lambda: grads(False))
+      for g, w in zip(got, want):
+        self.assertAllEqual(g, w)
+
+  def test_without_a_tape_it_is_a_plain_concat_and_matmul(self):
+    a, b = tf.ones([3, 2]), tf.ones([4, 4])
+    fn = tf.function(lambda: recompute.matmul_of_concatenation([a, a], b))
+    types = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    self.assertNotIn('IdentityN', types)  # no custom gradient
+    self.assertAllEqual(fn(), tf.matmul(tf.concat([a, a], 1), b))
+
+  def test_expecting_gradient_overrides_and_restores(self):
+    self.assertFalse(recompute.gradient_expected())
+    with recompute.expecting_gradient(True):
+      self.assertTrue(recompute.gradient_expected())
+      with recompute.expecting_gradient(False), tf.GradientTape():
+        self.assertFalse(recompute.gradient_expected())
+      self.assertTrue(recompute.gradient_expected())
+    self.assertFalse(recompute.gradient_expected())
+    with tf.GradientTape():
+      self.assertTrue(recompute.gradient_expected())
+
+
+class DenseBlockTest(tf.test.TestCase):
+  def test_the_gradient_keeps_no_concatenation(self):
+    block = _block()
+    x = tf.random.stateless_normal([2, 5, 5, 6], [0, 1])
+    kept = {}
+    for rebuild in (True, False):
+      with recompute.expecting_gradient(rebuild):
+        fn = tf.function(lambda x: _loss_and_grads(block, x))
+        graph = fn.get_concrete_function(x).graph
+      kept[rebuild] = _concatenations_read_by_the_gradient(graph)
+    # Without it the 1x1 convs of layers 1, 2 and the gate keep their concatenated inputs.
+    self.assertLen(kept[False], 3)
+    self.assertEmpty(kept[True])
+
+  def test_values_and_gradients_bit_for_bit(self):
+    for residual in (False, True):
+      block = _block(residual)
+      x = tf.random.stateless_normal([2, 5, 5, 6], [0, 2])
+      for traced in (False, True):
+        results = []
+        for rebuild in (True, False):
+          with recompute.expecting_gradient(rebuild):
+            fn = functools.partial(_loss_and_grads, block)
+            results.append((tf.function(fn) if traced else fn)(x))
+        (loss, grads), (loss_0, grads_0) = results
+        self.assertAllEqual(loss, loss_0)
+        for g, g0 in zip(grads, grads_0):
+          self.assertAllEqual(g, g0)
+
+  def test_no_gradient_the_same_graph_as_before(self):
+    block = _block()
+    ops = []
+    for context in (contextlib.nullcontext(), recompute.expecting_gradient(False)):
+      with context:
+        fn = tf.function(lambda x: block(x))
+        graph = fn.get_concrete_function(tf.TensorSpec([2, 5, 5, 6])).graph
+      ops.append(collections.Counter(op.type for op in graph.get_operations()))
+    self.assertEqual(ops[0], ops[1])
+
+
+if __name__ == '__main__':
+  tf.test.main()
