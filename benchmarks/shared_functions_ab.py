@@ -1,18 +1,22 @@
-"""Steady-state A/B of shared network functions: shared and inlined networks in one process.
+"""Steady-state A/B of a trace-time switch in one process: shared functions, or concatenations.
 
 ```
 python benchmarks/shared_functions_ab.py --preset=small --batch_size=16 --reps=16
+python benchmarks/shared_functions_ab.py --switch=concatenations --reps=16
 ```
 Builds one model and traces the training step's loss and gradients, the ELBO and sampling twice,
-with `nn.shared_function` on and off, then times the two variants' calls alternately (the order
-flips every repetition), so a machine shared with other jobs slows both alike. Prints each
-phase's median time and the median and range of the per-pair ratio inlined/shared (above 1: the
-shared functions are faster). Results: docs/benchmarks.md section 4.
+with the switch on and off, then times the two variants' calls alternately (the order flips
+every repetition), so a machine shared with other jobs slows both alike. Prints each phase's
+median time and the median and range of the per-pair ratio off/on (above 1: the switch makes it
+faster). `--switch=shared_functions`: `nn.shared_function` (shared vs inlined networks);
+`--switch=concatenations`: `nn.recompute.ENABLED` (the dense blocks rebuild their
+concatenations in the backward pass, or keep them). Results: docs/benchmarks.md section 4.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,6 +28,9 @@ def main(argv=None):
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--reps', type=int, default=16)
+  parser.add_argument(
+    '--switch', choices=('shared_functions', 'concatenations'), default='shared_functions'
+  )
   args = parser.parse_args(argv)
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +39,20 @@ def main(argv=None):
 
   from tf_denseflow import bench, train_step
   from tf_denseflow.model import DenseFlow
-  from tf_denseflow.nn import shared_function
+  from tf_denseflow.nn import recompute, shared_function
+
+  @contextlib.contextmanager
+  def rebuilding(enabled):
+    previous, recompute.ENABLED = recompute.ENABLED, enabled
+    try:
+      yield
+    finally:
+      recompute.ENABLED = previous
+
+  if args.switch == 'shared_functions':
+    on, off, switch = 'shared', 'inlined', shared_function.sharing
+  else:
+    on, off, switch = 'rebuilt', 'kept', rebuilding
 
   batch = args.batch_size
   config = bench._make_config(args.preset, args.image_size, 'float32', False)
@@ -50,8 +70,8 @@ def main(argv=None):
     return train_step.replica_loss_and_grads(model, variables, nll, batch)
 
   calls = {}
-  for mode in ('shared', 'inlined'):
-    with shared_function.sharing(mode == 'shared'):
+  for mode in (on, off):
+    with switch(mode == on):
       train = tf.function(loss_and_grads, autograph=False)
       elbo = tf.function(lambda x: model.elbo(x, tf.constant([0, 3], tf.int64)), autograph=False)
       sample = tf.function(
@@ -70,17 +90,17 @@ def main(argv=None):
   times = {(mode, phase): [] for mode in calls for phase in calls[mode]}
   for rep in range(args.reps):
     for phase in ('train', 'eval', 'sample'):
-      for mode in ('shared', 'inlined') if rep % 2 == 0 else ('inlined', 'shared'):
+      for mode in (on, off) if rep % 2 == 0 else (off, on):
         start = time.perf_counter()
         tf.nest.map_structure(lambda t: t.numpy(), calls[mode][phase]())
         times[(mode, phase)].append(time.perf_counter() - start)
   for phase in ('train', 'eval', 'sample'):
-    shared, inlined = np.array(times[('shared', phase)]), np.array(times[('inlined', phase)])
-    ratio = inlined / shared
+    t_on, t_off = np.array(times[(on, phase)]), np.array(times[(off, phase)])
+    ratio = t_off / t_on
     print(
-      f'{phase:6s} shared {np.median(shared):.3f} s ({batch / np.median(shared):.1f} img/s), '
-      f'inlined {np.median(inlined):.3f} s ({batch / np.median(inlined):.1f} img/s); '
-      f'inlined/shared per pair: median {np.median(ratio):.3f} '
+      f'{phase:6s} {on} {np.median(t_on):.3f} s ({batch / np.median(t_on):.1f} img/s), '
+      f'{off} {np.median(t_off):.3f} s ({batch / np.median(t_off):.1f} img/s); '
+      f'{off}/{on} per pair: median {np.median(ratio):.3f} '
       f'(range {ratio.min():.3f}-{ratio.max():.3f})'
     )
 

@@ -103,7 +103,7 @@ class DenseBlockTest(tf.test.TestCase):
     self.assertLen(kept[False], 3)
     self.assertEmpty(kept[True])
 
-  def test_values_and_gradients_bit_for_bit(self):
+  def test_values_and_gradients_equal_the_kept_concatenations(self):
     for residual in (False, True):
       block = _block(residual)
       x = tf.random.stateless_normal([2, 5, 5, 6], [0, 2])
@@ -116,7 +116,10 @@ class DenseBlockTest(tf.test.TestCase):
         (loss, grads), (loss_0, grads_0) = results
         self.assertAllEqual(loss, loss_0)
         for g, g0 in zip(grads, grads_0):
-          self.assertAllEqual(g, g0)
+          if traced:  # grappler may sum a piece's gradients in another order: float32 round-off
+            self.assertAllClose(g, g0, rtol=0, atol=1e-6 * float(tf.reduce_max(tf.abs(g0))))
+          else:  # eager: bit for bit
+            self.assertAllEqual(g, g0)
 
   def test_no_gradient_the_same_graph_as_before(self):
     block = _block()

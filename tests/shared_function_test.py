@@ -65,6 +65,11 @@ def _images(model, seed=2):
   return tf.constant(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
 
 
+def _round_off(gradient):
+  """float32 round-off of a gradient summed in another order: relative, with a floor of 1e-6."""
+  return 1e-6 * max(1.0, float(tf.reduce_max(tf.abs(gradient))))
+
+
 def _shared_calls(graph_def):
   """`{function name: number of call ops}` in the main graph, for the shared functions."""
   return collections.Counter(
@@ -140,9 +145,10 @@ class SharedFunctionTest(tf.test.TestCase):
     loss_0, grads_0, statistics_0 = inlined(self.images)
     # Equal here; grappler may sum the ELBO's terms in another order (one float32 ulp).
     self.assertAllClose(loss, loss_0, rtol=2e-7, atol=0.0)
-    # Gradients summed over several consumers may add in another order: float32 round-off.
+    # Gradients summed over several consumers may add in another order: float32 round-off
+    # (absolute for gradients that are zero up to round-off, e.g. a bias before a batch norm).
     for g, g0 in zip(grads, grads_0):
-      self.assertAllClose(g, g0, rtol=1e-5, atol=1e-6 * float(tf.reduce_max(tf.abs(g0))))
+      self.assertAllClose(g, g0, rtol=1e-5, atol=_round_off(g0))
     self.assertLen(statistics, 2 * len(self.model.batch_norm_layers))
     for s, s0 in zip(statistics, statistics_0):
       self.assertAllClose(s, s0, rtol=1e-6, atol=0.0)
@@ -155,9 +161,15 @@ class SharedFunctionTest(tf.test.TestCase):
     self.assertNotEqual(
       set(_shared_calls(kept.graph.as_graph_def())), set(_shared_calls(self.graph_def))
     )
-    for got, want in zip(self.concrete(self.images), kept(self.images)):
-      for g, w in zip(tf.nest.flatten(got), tf.nest.flatten(want)):
-        self.assertAllEqual(g, w)
+    (loss, grads, statistics), (loss_0, grads_0, statistics_0) = (
+      self.concrete(self.images),
+      kept(self.images),
+    )
+    # The forward values are the same ops; a piece's gradients may be summed in another order.
+    self.assertAllEqual(loss, loss_0)
+    self.assertAllEqual(statistics, statistics_0)
+    for g, g0 in zip(grads, grads_0):
+      self.assertAllClose(g, g0, rtol=1e-5, atol=_round_off(g0))
 
   def test_eval_and_sample_are_bitwise_equal_to_the_inlined_networks(self):
     seed = tf.constant([0, 3], tf.int64)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tf_denseflow.nn import recompute
 from tf_denseflow.nn.layers import Conv, Layer, Seeds
 
 __all__ = ['DenseLayer', 'GatedConv', 'DenseConvBlock']
@@ -24,9 +25,9 @@ class DenseLayer(Layer):
     self.conv_out = Conv(channels, growth, 3, compute_dtype=cd, seeds=seeds, activation='relu')
     self.built = True
 
-  def new_channels(self, x):
+  def new_channels(self, x, flat_pieces=None):
     """The `growth` new channels; `x` a tensor or the list of pieces it concatenates (`Conv`)."""
-    return self.conv_out(self.conv_in(x))
+    return self.conv_out(self.conv_in(x, flat_pieces=flat_pieces))
 
   def call(self, x):
     h = self.new_channels(x)
@@ -44,8 +45,8 @@ class GatedConv(Layer):
     self.conv = Conv(in_channels, 3 * out_channels, 1, compute_dtype=compute_dtype, seeds=seeds)
     self.built = True
 
-  def call(self, x):
-    a, b, c = tf.split(self.conv(x), 3, axis=-1)
+  def call(self, x, flat_pieces=None):
+    a, b, c = tf.split(self.conv(x, flat_pieces=flat_pieces), 3, axis=-1)
     return a + b * tf.sigmoid(c)
 
 
@@ -88,10 +89,10 @@ class DenseConvBlock(Layer):
     self.built = True
 
   def call(self, x):
-    pieces = [x]
+    pieces, flat_pieces = [x], recompute.FlatPieces()
     for layer in self.dense_layers:
-      pieces.append(layer.new_channels(pieces))
-    h = self.gate(pieces)
+      pieces.append(layer.new_channels(pieces, flat_pieces=flat_pieces))
+    h = self.gate(pieces, flat_pieces=flat_pieces)
     if self.residual:
       h = tf.cast(x, h.dtype) + h
     return h

@@ -203,10 +203,11 @@ class Conv(Layer):
       )
     self.built = True
 
-  def call(self, x):
+  def call(self, x, flat_pieces: Optional[recompute.FlatPieces] = None):
     """`x`: a tensor, or a list of tensors whose concatenation along the channels is the input
     (a dense block's; a 1x1 matmul then does not keep the concatenation for the gradient:
-    `nn.recompute`)."""
+    `nn.recompute`). `flat_pieces`: the caller's, kept across calls, so that each piece is
+    reshaped to `[N*H*W, C_i]` once (a dense block's pieces feed every later layer)."""
     pieces = list(x) if isinstance(x, (list, tuple)) else [x]
     channels = [p.shape[-1] for p in pieces]
     if None not in channels and sum(channels) != self.in_channels:
@@ -219,7 +220,8 @@ class Conv(Layer):
     cpu_kernels = kernels.resolve() == 'cpu'
     if cpu_kernels and self.kernel_size == 1 and self.strides == 1 and None not in channels:
       # Bias and activation on the flat view, so grappler fuses them into the matmul.
-      flat = [tf.reshape(p, [-1, c]) for p, c in zip(pieces, channels)]
+      flat_of = recompute.FlatPieces() if flat_pieces is None else flat_pieces
+      flat = [flat_of(p, c) for p, c in zip(pieces, channels)]
       kernel = tf.reshape(kernel, [self.in_channels, self.out_channels])
       y = self._bias_and_activation(recompute.matmul_of_concatenation(flat, kernel), bias)
       return tf.reshape(y, tf.concat([tf.shape(pieces[0])[:-1], [self.out_channels]], 0))

@@ -22,7 +22,13 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
-__all__ = ['ENABLED', 'expecting_gradient', 'gradient_expected', 'matmul_of_concatenation']
+__all__ = [
+  'ENABLED',
+  'FlatPieces',
+  'expecting_gradient',
+  'gradient_expected',
+  'matmul_of_concatenation',
+]
 
 # Process-wide: False makes `gradient_expected()` False everywhere (the dense blocks then keep
 # their concatenations, as before; benchmarks/memory_phases.py --keep_concatenations). Read when
@@ -61,6 +67,22 @@ def expecting_gradient(value: bool) -> Iterator[None]:
     yield
   finally:
     _STATE.forced = previous
+
+
+class FlatPieces:
+  """Each piece of a dense block reshaped to `[N*H*W, C_i]` once, however many layers read it.
+
+  A plain object, not a dict: Keras rebuilds the nested structures it is called with.
+  """
+
+  def __init__(self):
+    self._flat = {}
+
+  def __call__(self, piece: tf.Tensor, channels: int) -> tf.Tensor:
+    key = piece.ref()
+    if key not in self._flat:
+      self._flat[key] = tf.reshape(piece, [-1, channels])
+    return self._flat[key]
 
 
 def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
