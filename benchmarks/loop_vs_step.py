@@ -8,8 +8,9 @@ patches through the training input pipeline, ActNorm initialised on the first ba
 bench's step (`bench_phases.build_phases`: the default strategy, two random batches from memory)
 for the same model config, then times their steps alternately (the order flips every repetition,
 so a machine shared with other jobs slows both alike). Also times the input pipeline alone
-(`next()` on the training dataset, no model running) and one evaluation of `--eval_examples`
-test images (`Trainer.evaluate`) against the bench's ELBO calls on as many random images.
+(`next()` on the training dataset, no model running) and `--eval_reps` evaluations of
+`--eval_examples` test images (`Trainer.evaluate`) against the bench's ELBO calls on as many
+random images, alternated too.
 Prints medians and the per-pair ratio trainer/bench (1.0: the loop's step costs what the bench's
 does). Results: docs/benchmarks.md section 5.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=12)
   parser.add_argument('--strategy', default='auto', help='the trainer strategy (--strategy)')
   parser.add_argument('--eval_examples', type=int, default=512)
+  parser.add_argument('--eval_reps', type=int, default=3, help='evaluation pairs (alternated)')
   parser.add_argument('--augmentation', default='hflip')
   args = parser.parse_args(argv)
 
@@ -103,21 +106,35 @@ def main(argv=None):
     next(iterator)
   print(f'input pipeline: {(time.perf_counter() - start) / 50 * 1e3:.2f} ms a batch', flush=True)
 
-  # One evaluation of the test split against the bench's ELBO on as many images.
-  trainer.evaluate()  # traces
-  start = time.perf_counter()
-  trainer.evaluate()
-  eval_s = time.perf_counter() - start
+  # Evaluations of the test split against the bench's ELBO on as many images, alternated.
   images = phases['batches'][0]
   calls = -(-args.eval_examples // batch)
-  phases['eval'](images, phases['seed_of'](0)).numpy()
-  start = time.perf_counter()
-  for i in range(calls):
-    phases['eval'](images, phases['seed_of'](i)).numpy()
-  bench_eval_s = time.perf_counter() - start
+
+  def trainer_eval():
+    trainer.evaluate()
+
+  def bench_eval():
+    for i in range(calls):
+      phases['eval'](images, phases['seed_of'](i)).numpy()
+
+  trainer_eval()  # traces
+  bench_eval()
+  pairs = []
+  for rep in range(args.eval_reps):
+    took = {}
+    for name, fn in (('trainer', trainer_eval), ('bench', bench_eval))[
+      :: 1 if rep % 2 == 0 else -1
+    ]:
+      start = time.perf_counter()
+      fn()
+      took[name] = time.perf_counter() - start
+    pairs.append((took['trainer'], took['bench']))
+  trainer_s, bench_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+  ratios = [t / b for t, b in pairs]
   print(
-    f'evaluation of {args.eval_examples} images: trainer {eval_s:.2f} s, bench {bench_eval_s:.2f} s '
-    f'({calls} calls of {batch}); ratio {eval_s / bench_eval_s:.3f}'
+    f'evaluation of {args.eval_examples} images ({calls} calls of {batch}), {len(pairs)} pairs: '
+    f'trainer median {trainer_s:.2f} s, bench {bench_s:.2f} s; per-pair ratio median '
+    f'{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})'
   )
   tf.io.gfile.rmtree(workdir)
 

@@ -70,6 +70,22 @@ def _round_off(gradient):
   return 1e-6 * max(1.0, float(tf.reduce_max(tf.abs(gradient))))
 
 
+def _dense_concatenations_returned(graph_def):
+  """Dense-block ConcatV2 nodes whose value a shared forward function returns (via aliases)."""
+  names = []
+  for f in graph_def.library.function:
+    if not f.signature.name.startswith(f'__forward_{shared_function.FUNCTION_PREFIX}'):
+      continue
+    nodes = {n.name: n for n in f.node_def}
+    for out in f.signature.output_arg:
+      node = nodes.get(f.ret[out.name].split(':')[0])
+      while node is not None and node.op in ('Identity', 'IdentityN', 'Reshape'):
+        node = nodes.get(node.input[0].split(':')[0])
+      if node is not None and node.op == 'ConcatV2' and 'dense_conv_block' in node.name:
+        names.append(node.name)
+  return names
+
+
 def _shared_calls(graph_def):
   """`{function name: number of call ops}` in the main graph, for the shared functions."""
   return collections.Counter(
@@ -170,6 +186,18 @@ class SharedFunctionTest(tf.test.TestCase):
     self.assertAllEqual(statistics, statistics_0)
     for g, g0 in zip(grads, grads_0):
       self.assertAllClose(g, g0, rtol=1e-5, atol=_round_off(g0))
+
+  def test_no_forward_function_returns_a_dense_block_concatenation(self):
+    # A shared function's forward returns every tensor its backward reads: with the rebuilt
+    # concatenations none of the dense blocks' (a custom gradient taking the concatenation as
+    # its input had its IdentityN alias returned, and kept, through the zeros of its gradient).
+    with recompute.expecting_gradient(False):
+      kept = _train_function(self.model).get_concrete_function(self.images)
+    returned = [
+      _dense_concatenations_returned(g) for g in (self.graph_def, kept.graph.as_graph_def())
+    ]
+    self.assertEmpty(returned[0])
+    self.assertNotEmpty(returned[1])
 
   def test_eval_and_sample_are_bitwise_equal_to_the_inlined_networks(self):
     seed = tf.constant([0, 3], tf.int64)
