@@ -28,8 +28,8 @@ runs ours with another epsilon (2.13e-5 = the official one in our gradient units
 Output JSON: `curve` = a list of `{step, test_bpd, train_bpd, seconds}` (train_bpd: mean
 training loss of the steps since the previous point; seconds: wall-clock since
 `train_lib.train` was called, so set-up, ActNorm init, tracing and evaluations included; the
-official script's clock starts at its training loop: compare `step_s`, not `seconds`), `train_bpd_per_step`, `lr_per_step`, `step_s`, the
-recipe, the checksums, `timing` (median step, mean evaluation) and `adamax_at_end` (entries
+official script's clock starts at its training loop: compare `step_s`, not `seconds`),
+`train_bpd_per_step`, `lr_per_step`, `step_s`, the recipe, the checksums, `timing` (median step, mean evaluation) and `adamax_at_end` (entries
 where our eps, or the official one, would slow the Adamax step: docs/benchmarks.md 6.2 item 2).
 """
 

@@ -143,6 +143,8 @@ def main():
     init_mode = 'first_step' if init_examples == batch else 'separate'
   if init_mode == 'first_step' and init_examples != batch:
     raise SystemExit('error: --init_mode=first_step initialises on one batch: --init_examples')
+  if a.save_init and init_mode != 'separate':
+    raise SystemExit('error: --save_init needs --init_mode=separate (the init before step 0)')
   steps = a.steps if a.steps is not None else meta['steps']  # 0: the step-0 point only
   if steps * batch > len(train) or init_examples > len(train):
     raise SystemExit(f'error: the npz holds {len(train)} training images')
@@ -237,8 +239,6 @@ def main():
       flush=True,
     )
   if a.save_init:
-    if init_mode != 'separate':
-      raise SystemExit('error: --save_init needs --init_mode=separate (the init before step 0)')
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     np.savez(a.save_init, **state)
     print(f'[official] wrote {len(state)} arrays to {a.save_init}', flush=True)

@@ -159,13 +159,13 @@ class MultiWorkerTest(parameterized.TestCase):
     latest = _latest_step(workdir)
     self.assertGreaterEqual(latest, 3)
     # Restart both: they resume there; a SIGTERM to the non-chief stops both after one step.
+    earlier = len(_metrics(workdir))  # the first run's records, counted before the restart
     ports = _free_ports(2)
     chief = _start(workdir, args, _tf_config(ports, 0))
     other = _start(workdir, args, _tf_config(ports, 1))
     # SIGTERM only once both train: TF's coordination service swallows it during start-up. The
     # first run may have logged step latest + 2 before it died: only this run's records count
     # (a flake once, when the SIGTERM came during start-up and both trained on towards step 400).
-    earlier = len(_metrics(workdir))
     self.assertTrue(_wait_for_step(workdir, latest + 2, [chief, other], skip=earlier))
     other.send_signal(signal.SIGTERM)
     results = [_finish(chief, 120), _finish(other, 120)]

@@ -1,4 +1,4 @@
-"""Tests for tf_denseflow.nn.recompute: dense blocks rebuild their concatenations for the gradient."""
+"""Tests for tf_denseflow.nn.recompute: dense blocks rebuild their concatenations for gradients."""
 
 import collections
 import contextlib
@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from tf_denseflow import nn
+from tf_denseflow import kernels, nn
 from tf_denseflow.nn import recompute
 
 _RESHAPES = ('Reshape', 'Identity', 'Cast')
@@ -34,8 +34,13 @@ def _concatenations_read_by_the_gradient(graph):
   return names
 
 
-def _block(residual=False):
-  block = nn.DenseConvBlock(6, 6, depth=3, growth=4, residual=residual, seeds=nn.Seeds(3))
+_DEPTH = 3
+
+
+def _block(residual=False, compute_dtype='float32'):
+  block = nn.DenseConvBlock(
+    6, 6, depth=_DEPTH, growth=4, residual=residual, compute_dtype=compute_dtype, seeds=nn.Seeds(3)
+  )
   for v in block.trainable_variables:  # the gate starts at zero otherwise
     v.assign(tf.random.stateless_normal(v.shape, [1, len(v.name)], stddev=0.3))
   return block
@@ -90,6 +95,13 @@ class MatmulOfConcatenationTest(tf.test.TestCase):
 
 
 class DenseBlockTest(tf.test.TestCase):
+  def setUp(self):
+    super().setUp()
+    # The path under test is the CPU kernels' (the 'library' kernels keep the concatenations).
+    context = kernels.conv_kernels('cpu')
+    context.__enter__()
+    self.addCleanup(context.__exit__, None, None, None)
+
   def test_the_gradient_keeps_no_concatenation(self):
     block = _block()
     x = tf.random.stateless_normal([2, 5, 5, 6], [0, 1])
@@ -121,15 +133,46 @@ class DenseBlockTest(tf.test.TestCase):
           else:  # eager: bit for bit
             self.assertAllEqual(g, g0)
 
-  def test_no_gradient_the_same_graph_as_before(self):
+  def test_no_gradient_no_custom_gradient(self):
     block = _block()
+    spec = tf.TensorSpec([2, 5, 5, 6])
     ops = []
-    for context in (contextlib.nullcontext(), recompute.expecting_gradient(False)):
+    for context in (contextlib.nullcontext(), recompute.expecting_gradient(True)):
       with context:
-        fn = tf.function(lambda x: block(x))
-        graph = fn.get_concrete_function(tf.TensorSpec([2, 5, 5, 6])).graph
-      ops.append(collections.Counter(op.type for op in graph.get_operations()))
-    self.assertEqual(ops[0], ops[1])
+        graph = tf.function(lambda x: block(x)).get_concrete_function(spec).graph
+      ops.append(
+        collections.Counter(
+          op.type + ('' if op.outputs[0].dtype.is_floating else '(int)')
+          for op in graph.get_operations()
+          if op.outputs
+        )
+      )
+    # Without a tape: one float concat per 1x1 conv with several pieces (layers 1.. and the gate),
+    # and the 3x3 convs' own custom gradients only; with one, a custom gradient per such conv.
+    self.assertEqual(ops[0]['ConcatV2'], _DEPTH)
+    self.assertEqual(ops[0]['IdentityN'], _DEPTH)
+    self.assertEqual(ops[1]['IdentityN'], 2 * _DEPTH)
+
+  def test_reduced_precision_casts_each_piece_once(self):
+    block = _block(compute_dtype='bfloat16')
+    x = tf.random.stateless_normal([2, 5, 5, 6], [0, 4])  # float32, as a block input is
+    fn = tf.function(lambda x: _loss_and_grads(block, x))
+    graph = fn.get_concrete_function(x).graph
+    placeholder = graph.inputs[0]
+    casts = [
+      op
+      for op in graph.get_operations()
+      if op.type == 'Cast' and op.inputs[0].name == placeholder.name
+    ]
+    self.assertLen(casts, 1)
+    results = []
+    for rebuild in (True, False):
+      with recompute.expecting_gradient(rebuild):
+        results.append(_loss_and_grads(block, x))
+    (loss, grads), (loss_0, grads_0) = results
+    self.assertAllEqual(loss, loss_0)
+    for g, g0 in zip(grads, grads_0):
+      self.assertAllEqual(g, g0)
 
 
 if __name__ == '__main__':

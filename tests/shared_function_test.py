@@ -14,7 +14,7 @@ from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.grappler import tf_optimizer  # private (BUILD.md)
 
 import tf_denseflow as tdf
-from tf_denseflow import train_step, xla
+from tf_denseflow import kernels, train_step, xla
 from tf_denseflow.nn import recompute, shared_function
 
 _BATCH = 4
@@ -78,9 +78,13 @@ def _dense_concatenations_returned(graph_def):
       continue
     nodes = {n.name: n for n in f.node_def}
     for out in f.signature.output_arg:
-      node = nodes.get(f.ret[out.name].split(':')[0])
+      ref = f.ret[out.name]  # 'node:output_arg:index'
+      node = nodes.get(ref.split(':')[0])
       while node is not None and node.op in ('Identity', 'IdentityN', 'Reshape'):
-        node = nodes.get(node.input[0].split(':')[0])
+        # Output k of an IdentityN is its input k; the others pass input 0 on.
+        index = int(ref.split(':')[2]) if node.op == 'IdentityN' else 0
+        ref = node.input[index]
+        node = nodes.get(ref.split(':')[0])
       if node is not None and node.op == 'ConcatV2' and 'dense_conv_block' in node.name:
         names.append(node.name)
   return names
@@ -188,6 +192,8 @@ class SharedFunctionTest(tf.test.TestCase):
       self.assertAllClose(g, g0, rtol=1e-5, atol=_round_off(g0))
 
   def test_no_forward_function_returns_a_dense_block_concatenation(self):
+    if kernels.resolve() != 'cpu':  # the 'library' kernels (a GPU) keep the concatenations
+      self.skipTest('the CPU kernels only')
     # A shared function's forward returns every tensor its backward reads: with the rebuilt
     # concatenations none of the dense blocks' (a custom gradient taking the concatenation as
     # its input had its IdentityN alias returned, and kept, through the zeros of its gradient).
@@ -238,7 +244,7 @@ class SharedFunctionTest(tf.test.TestCase):
     eager_jac = lib.jacobian(bijector.inverse_and_log_det, parts)
     # A float32 model: traced graphs fuse ops (grappler, oneDNN) that eager runs one by one, so
     # the two agree to float32 round-off (2.3e-8 at most here, |jac| <= 3.2), not bit for bit.
-    self.assertAllClose(jac, eager_jac, rtol=1e-5, atol=1e-7)
+    self.assertAllClose(jac, eager_jac, rtol=1e-6, atol=5e-8)
 
   def test_a_weight_read_outside_the_layer_weights_is_refused(self):
     outside = tf.Variable(2.0)

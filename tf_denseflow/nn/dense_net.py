@@ -5,7 +5,7 @@ Huang et al. Densely connected convolutional networks. CVPR 2017 (the DenseNet c
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -25,7 +25,9 @@ class DenseLayer(Layer):
     self.conv_out = Conv(channels, growth, 3, compute_dtype=cd, seeds=seeds, activation='relu')
     self.built = True
 
-  def new_channels(self, x, flat_pieces=None):
+  def new_channels(
+    self, x: tf.Tensor | Sequence[tf.Tensor], flat_pieces: Optional[recompute.FlatPieces] = None
+  ) -> tf.Tensor:
     """The `growth` new channels; `x` a tensor or the list of pieces it concatenates (`Conv`)."""
     return self.conv_out(self.conv_in(x, flat_pieces=flat_pieces))
 
@@ -45,7 +47,9 @@ class GatedConv(Layer):
     self.conv = Conv(in_channels, 3 * out_channels, 1, compute_dtype=compute_dtype, seeds=seeds)
     self.built = True
 
-  def call(self, x, flat_pieces=None):
+  def call(
+    self, x: tf.Tensor | Sequence[tf.Tensor], flat_pieces: Optional[recompute.FlatPieces] = None
+  ) -> tf.Tensor:
     a, b, c = tf.split(self.conv(x, flat_pieces=flat_pieces), 3, axis=-1)
     return a + b * tf.sigmoid(c)
 
@@ -58,7 +62,8 @@ class DenseConvBlock(Layer):
   Memory: layer j's input is `concat[x, g_1, .., g_j]` (the block input and the new channels
   of the layers before it). The block hands the 1x1 convs the pieces, not the concatenation,
   so where a gradient may be taken the backward pass rebuilds each concatenation from pieces
-  it keeps anyway instead of keeping it (`nn.recompute`). Same values and gradients.
+  it keeps anyway instead of keeping it (`nn.recompute`; with `Conv`'s CPU kernels, the
+  default without a GPU). Same values and gradients.
   """
 
   def __init__(

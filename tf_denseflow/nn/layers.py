@@ -176,7 +176,9 @@ class Conv(Layer):
     activation: Optional[str] = None,
     name: Optional[str] = None,
   ):
-    super().__init__(name=name)
+    # No Keras autocast: `call` casts to the compute dtype itself, and an autocast copy of each
+    # piece would be a new tensor for every layer (`nn.recompute.FlatPieces` keys on tensors).
+    super().__init__(name=name, autocast=False)
     if activation not in (None, 'relu'):
       raise ValueError(f"`activation` must be None or 'relu', got {activation!r}.")
     self.activation = activation
@@ -203,7 +205,11 @@ class Conv(Layer):
       )
     self.built = True
 
-  def call(self, x, flat_pieces: Optional[recompute.FlatPieces] = None):
+  def call(
+    self,
+    x: tf.Tensor | Sequence[tf.Tensor],
+    flat_pieces: Optional[recompute.FlatPieces] = None,
+  ) -> tf.Tensor:
     """`x`: a tensor, or a list of tensors whose concatenation along the channels is the input
     (a dense block's; a 1x1 matmul then does not keep the concatenation for the gradient:
     `nn.recompute`). `flat_pieces`: the caller's, kept across calls, so that each piece is
@@ -213,18 +219,20 @@ class Conv(Layer):
     if None not in channels and sum(channels) != self.in_channels:
       shapes = ', '.join(str(p.shape) for p in pieces)
       raise ValueError(f'{self.name}: expected {self.in_channels} input channels, got {shapes}.')
+    if len(pieces) == 1 and channels[0] is None:
+      channels = [self.in_channels]  # one tensor: the channels it must have
     dtype = tf.as_dtype(self.compute_dtype_name)
-    pieces = [tf.cast(p, dtype) for p in pieces]
     kernel = tf.cast(self.kernel, dtype)
     bias = None if self.bias is None else tf.cast(self.bias, dtype)
     cpu_kernels = kernels.resolve() == 'cpu'
     if cpu_kernels and self.kernel_size == 1 and self.strides == 1 and None not in channels:
       # Bias and activation on the flat view, so grappler fuses them into the matmul.
       flat_of = recompute.FlatPieces() if flat_pieces is None else flat_pieces
-      flat = [flat_of(p, c) for p, c in zip(pieces, channels)]
+      flat = [flat_of(p, c, dtype) for p, c in zip(pieces, channels)]
       kernel = tf.reshape(kernel, [self.in_channels, self.out_channels])
       y = self._bias_and_activation(recompute.matmul_of_concatenation(flat, kernel), bias)
       return tf.reshape(y, tf.concat([tf.shape(pieces[0])[:-1], [self.out_channels]], 0))
+    pieces = [tf.cast(p, dtype) for p in pieces]
     x = pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=-1)
     if (
       cpu_kernels

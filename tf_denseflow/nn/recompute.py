@@ -5,8 +5,11 @@ The input of dense layer j (and of the gate) of a `DenseConvBlock` is `concat[x,
 first 1x1 conv's and each ReLU's gradient), so keeping every concatenation too costs memory
 quadratic in the depth for nothing: at `small`, batch 16, 233 of the 514 MB of forward tensors
 that the gradient reads (docs/benchmarks.md, section 4). `matmul_of_concatenation` makes a
-matmul of a concatenation whose weight gradient rebuilds it from the pieces once the upstream gradient
-exists; one concat per layer in the backward pass, the same gradients.
+matmul of a concatenation whose weight gradient rebuilds it from the pieces once the upstream
+gradient exists; one concat per layer in the backward pass, the same gradients. It is the path of
+`Conv`'s CPU kernels (1x1 convolutions as matmuls); the 'library' kernels (`tf.nn.conv2d`, cuDNN
+on a GPU) keep the concatenation, and under `--jit_compile` XLA may merge the rebuilt
+concatenation with the forward one (it does not keep control dependencies).
 
 Whether to take that path is decided when the ops are created: only where a gradient may be
 taken (`gradient_expected()`: a tape could record now). A shared network function
@@ -21,6 +24,7 @@ import threading
 from typing import Iterator, Sequence
 
 import tensorflow as tf
+from tensorflow.python.eager import record  # private (BUILD.md): could_possibly_record
 
 __all__ = [
   'ENABLED',
@@ -39,11 +43,7 @@ _STATE = threading.local()
 
 
 def _tape_could_record() -> bool:
-  # No public equivalent: TF's own check (True if it is ever unavailable: the path is exact).
-  try:
-    from tensorflow.python.eager import record
-  except ImportError:  # pragma: no cover
-    return True
+  # No public equivalent: TF's own check (BUILD.md, private APIs).
   return bool(record.could_possibly_record())
 
 
@@ -70,23 +70,26 @@ def expecting_gradient(value: bool) -> Iterator[None]:
 
 
 class FlatPieces:
-  """Each piece of a dense block reshaped to `[N*H*W, C_i]` once, however many layers read it.
+  """Each piece of a dense block cast and reshaped to `[N*H*W, C_i]` once, for every layer.
 
   A plain object, not a dict: Keras rebuilds the nested structures it is called with.
   """
 
-  def __init__(self):
+  def __init__(self) -> None:
     self._flat = {}
 
-  def __call__(self, piece: tf.Tensor, channels: int) -> tf.Tensor:
-    key = piece.ref()
+  def __call__(self, piece: tf.Tensor, channels: int, dtype: tf.DType) -> tf.Tensor:
+    """`piece` `[..., channels]` as a `[N*H*W, channels]` tensor of `dtype` (made once)."""
+    key = (piece.ref(), dtype)
     if key not in self._flat:
-      self._flat[key] = tf.reshape(piece, [-1, channels])
+      self._flat[key] = tf.reshape(tf.cast(piece, dtype), [-1, channels])
     return self._flat[key]
 
 
 def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
-  """`concat(pieces, axis=1) @ b` (pieces `[M, K_i]`, `b` `[sum K_i, N]`), not kept for the gradient.
+  """`concat(pieces, axis=1) @ b`, the concatenation not kept for the gradient.
+
+  Shapes: pieces `[M, K_i]`, `b` `[sum K_i, N]`, the result `[M, N]`.
 
   The gradient rebuilds the concatenation for `b`'s gradient once the upstream gradient exists
   (a control dependency, so the executor cannot build it early and hold it); the pieces are
@@ -103,6 +106,11 @@ def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Ten
 
   @tf.custom_gradient
   def matmul(b, *pieces):
+    # Not recorded inside: in eager mode the tape would otherwise record the inner concat and
+    # matmul as well and keep the concatenation for them (graph mode does this itself).
+    with record.stop_recording():
+      y = tf.matmul(tf.concat(pieces, axis=1), b)
+
     def grad(dy):
       # As TF's own MatMul and ConcatV2 gradients: the same kernels with the same attributes.
       grad_a = tf.raw_ops.MatMul(a=dy, b=b, transpose_b=True, grad_a=True)
@@ -111,6 +119,6 @@ def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Ten
       grad_b = tf.raw_ops.MatMul(a=a, b=dy, transpose_a=True, grad_b=True)
       return (grad_b, *tf.split(grad_a, sizes, axis=1))
 
-    return tf.matmul(tf.concat(pieces, axis=1), b), grad
+    return y, grad
 
   return matmul(b, *pieces)

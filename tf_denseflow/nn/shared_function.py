@@ -27,13 +27,14 @@ and a non-inlined call inside its cluster was recompiled on every step) run `bod
 A trace is reused for every later call with the same key, so everything that changes what
 `body` traces must be in the key: the constructor arguments (`structure`), the input's shape and
 dtype, `training`, and the process-wide trace-time switches (`xla.compatible_now()`,
-`kernels.resolve()`, `nn.recompute.gradient_expected()`; add any new one to `trace_key`). A variable read that is not one of the
-layer's `weights` would be captured from the first network into every one; a trace that captures
-a variable raises `RuntimeError`.
+`kernels.resolve()`, `nn.recompute.gradient_expected()`; add any new one to `_TraceKey`). A
+variable read that is not one of the layer's `weights` would be captured from the first network
+into every one; a trace that captures a variable raises `RuntimeError`.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from typing import Dict, Iterator, Tuple
@@ -53,6 +54,8 @@ ENABLED = True
 FUNCTION_PREFIX = 'shared_network'
 
 _FUNCTIONS: Dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
+# The process-wide trace-time switches a trace depends on (module docstring).
+_TraceKey = collections.namedtuple('_TraceKey', ['xla', 'kernels', 'gradient_expected'])
 _LOCK = threading.Lock()
 _STATE = threading.local()
 
@@ -97,7 +100,7 @@ def _weights(layer: Layer, training: bool) -> list:
 
 def _traced_body(x, weights, training, trace_key):
   """The shared function's Python body: the calling network's `body` as a function of weights."""
-  gradient_expected = trace_key[-1]  # the caller's (this trace is a graph of its own)
+  gradient_expected = trace_key.gradient_expected  # the caller's (a graph of its own)
   layer = _STATE.template
   statistics = _RawStatistics(_batch_norms(layer))
   _STATE.inside = True
@@ -163,7 +166,7 @@ class SharedNetwork(Layer):
       return self.body(x, training=training)
     fn = _function((type(self).__name__,) + tuple(self.structure))
     weights = [tf.convert_to_tensor(w) for w in _weights(self, training)]
-    trace_key = (xla.compatible_now(), kernels.resolve(), recompute.gradient_expected())
+    trace_key = _TraceKey(xla.compatible_now(), kernels.resolve(), recompute.gradient_expected())
     args = (x, weights, training, trace_key)
     traces = fn.experimental_get_tracing_count()
     _STATE.template = self  # the body to trace, if this call traces
