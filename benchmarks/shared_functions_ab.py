@@ -16,7 +16,6 @@ concatenations in the backward pass, or keep them). Results: docs/benchmarks.md 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -41,18 +40,10 @@ def main(argv=None):
   from tf_denseflow.model import DenseFlow
   from tf_denseflow.nn import recompute, shared_function
 
-  @contextlib.contextmanager
-  def rebuilding(enabled):
-    previous, recompute.ENABLED = recompute.ENABLED, enabled
-    try:
-      yield
-    finally:
-      recompute.ENABLED = previous
-
   if args.switch == 'shared_functions':
     on, off, switch = 'shared', 'inlined', shared_function.sharing
   else:
-    on, off, switch = 'rebuilt', 'kept', rebuilding
+    on, off, switch = 'rebuilt', 'kept', recompute.rebuilding
 
   batch = args.batch_size
   config = bench._make_config(args.preset, args.image_size, 'float32', False)

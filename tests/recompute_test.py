@@ -92,6 +92,9 @@ class MatmulOfConcatenationTest(tf.test.TestCase):
     self.assertFalse(recompute.gradient_expected())
     with tf.GradientTape():
       self.assertTrue(recompute.gradient_expected())
+      with recompute.rebuilding(False):  # the process-wide switch wins
+        self.assertFalse(recompute.gradient_expected())
+      self.assertTrue(recompute.gradient_expected())
 
 
 class DenseBlockTest(tf.test.TestCase):

@@ -32,6 +32,7 @@ __all__ = [
   'expecting_gradient',
   'gradient_expected',
   'matmul_of_concatenation',
+  'rebuilding',
 ]
 
 # Process-wide: False makes `gradient_expected()` False everywhere (the dense blocks then keep
@@ -42,9 +43,15 @@ ENABLED = True
 _STATE = threading.local()
 
 
-def _tape_could_record() -> bool:
-  # No public equivalent: TF's own check (BUILD.md, private APIs).
-  return bool(record.could_possibly_record())
+@contextlib.contextmanager
+def rebuilding(enabled: bool) -> Iterator[None]:
+  """Within the block, `ENABLED` is `enabled` (as `shared_function.sharing` for its switch)."""
+  global ENABLED
+  previous, ENABLED = ENABLED, bool(enabled)
+  try:
+    yield
+  finally:
+    ENABLED = previous
 
 
 def gradient_expected() -> bool:
@@ -55,7 +62,8 @@ def gradient_expected() -> bool:
   if not ENABLED:
     return False
   forced = getattr(_STATE, 'forced', None)
-  return _tape_could_record() if forced is None else forced
+  # No public equivalent of TF's own check (BUILD.md, private APIs).
+  return bool(record.could_possibly_record()) if forced is None else forced
 
 
 @contextlib.contextmanager
