@@ -52,7 +52,7 @@ def main(argv=None):
   from tf_denseflow.trainer import Trainer
 
   batch = args.batch_size
-  model_config = bench._make_config(args.preset, args.image_size, 'float32', False)
+  model_config = bench.make_config(args.preset, args.image_size, 'float32', False)
   config = TrainConfig(
     model=model_config,
     data=data_lib.DataConfig(

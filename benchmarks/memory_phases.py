@@ -354,11 +354,7 @@ def main(argv=None):
     train_step,  # noqa: F401
   )
   from tf_denseflow import model as model_lib
-
-  try:  # the training loop's noise and loss helpers (trainer.py; train_lib.py before)
-    from tf_denseflow import trainer as loop_lib
-  except ImportError:
-    from tf_denseflow import train_lib as loop_lib
+  from tf_denseflow import train_lib as loop_lib  # the training loop's noise and loss helpers
 
   stages.mark('imports')
   if args.no_shared_functions:
@@ -377,7 +373,7 @@ def main(argv=None):
     tf.config.optimizer.set_experimental_options(options)
   if args.static_batch:
     _patch_static_batch(model_lib.DenseFlow)
-  config = bench._make_config(args.preset, args.image_size, 'float32', args.recompute_grad)
+  config = bench.make_config(args.preset, args.image_size, 'float32', args.recompute_grad)
   result = {'args': vars(args), 'stages': stages.rows}
 
   # Marks 'model' and 'init' around `DenseFlow.initialize`, also inside `bench.build_phases`.

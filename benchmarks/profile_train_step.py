@@ -70,7 +70,7 @@ def main(argv=None):
 
   if args.inter_op:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-  config = bench._make_config(args.preset, args.image_size, 'float32', args.use_recompute_grad)
+  config = bench.make_config(args.preset, args.image_size, 'float32', args.use_recompute_grad)
   parts = bench.build_phases(config, args.batch_size)
   seed_of, batches = parts['seed_of'], parts['batches']
   call = {
@@ -79,12 +79,12 @@ def main(argv=None):
     'sample': lambda i: parts['sample'](seed_of(i)),
   }[args.phase]
   for i in range(2):
-    bench._fetch(call(i))
+    bench.fetch(call(i))
   logdir = tempfile.mkdtemp(prefix='profile_')
   tf.profiler.experimental.start(logdir)
   start = time.perf_counter()
   for i in range(args.steps):
-    bench._fetch(call(i))
+    bench.fetch(call(i))
   wall = (time.perf_counter() - start) / args.steps * 1000
   tf.profiler.experimental.stop()
 

@@ -46,7 +46,7 @@ def main(argv=None):
     on, off, switch = 'rebuilt', 'kept', recompute.rebuilding
 
   batch = args.batch_size
-  config = bench._make_config(args.preset, args.image_size, 'float32', False)
+  config = bench.make_config(args.preset, args.image_size, 'float32', False)
   model = DenseFlow(config, seed=0)
   shape = (batch, *config.image_shape)
   images = tf.constant(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))

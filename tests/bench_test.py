@@ -18,31 +18,26 @@ from tf_denseflow import bench
 
 
 class BenchTest(tf.test.TestCase):
-  def test_tiny_run_writes_every_key(self):
+  def _run_tiny_bench(self, *extra: str, subdir: bool = False):
+    """`python -m tf_denseflow.bench` on the tiny preset (one timed call); its output and JSON."""
     tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
-    path = os.path.join(tmp, 'sub', 'bench.json')
+    path = os.path.join(tmp, 'sub', 'bench.json') if subdir else os.path.join(tmp, 'bench.json')
+    tiny = ['--preset=tiny', '--image_size=16', '--batch_size=2', '--steps=1', '--warmup=1']
     result = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'tf_denseflow.bench',
-        '--preset=tiny',
-        '--image_size=16',
-        '--batch_size=2',
-        '--steps=1',
-        '--warmup=1',
-        f'--json={path}',
-      ],
+      [sys.executable, '-m', 'tf_denseflow.bench', *tiny, *extra, f'--json={path}'],
       capture_output=True,
       text=True,
       timeout=600,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn('img/s', result.stdout)
     with open(path) as f:
-      out = json.load(f)
+      return result, json.load(f)
+
+  def test_tiny_run_writes_every_key(self):
+    result, out = self._run_tiny_bench(subdir=True)
+    self.assertIn('img/s', result.stdout)
     for key in (
       'train',
       'eval',
@@ -60,6 +55,12 @@ class BenchTest(tf.test.TestCase):
         self.assertIn(key, out[phase])
       self.assertGreater(out[phase]['img_s'], 0.0)
       self.assertLen(out[phase]['step_s_all'], 1)
+    # One process: each phase's peak is the process's when it ended, so they never go down.
+    peaks = [out[phase]['peak_rss_mb'] for phase in ('train', 'eval', 'sample')]
+    self.assertEqual(peaks, sorted(peaks))
+    self.assertLessEqual(peaks[-1], out['peak_rss_mb'])
+    self.assertGreater(peaks[0], 0.0)
+    self.assertIn("the process's peak when it ended", result.stdout)
     self.assertEqual(out['params'], 75_532)
     self.assertEqual(out['config']['image_shape'], [16, 16, 3])
     self.assertEqual(out['preset'], 'tiny')
@@ -79,7 +80,7 @@ class BenchTest(tf.test.TestCase):
     from tf_denseflow.model import DenseFlow
     from tf_denseflow.nn import shared_function
 
-    model = DenseFlow(bench._make_config('tiny', 16, 'float32'), seed=0)
+    model = DenseFlow(bench.make_config('tiny', 16, 'float32'), seed=0)
     images = tf.zeros([2, 16, 16, 3], tf.uint8)
     model.initialize(images)
     seed = tf.constant([0, 1], tf.int64)
@@ -101,34 +102,13 @@ class BenchTest(tf.test.TestCase):
 
   @pytest.mark.slow  # 30 s; float16 training itself is covered by tests/precision_test.py
   def test_float16_library_kernels_train_phase_only(self):
-    tmp = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
-    path = os.path.join(tmp, 'bench.json')
-    result = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'tf_denseflow.bench',
-        '--preset=tiny',
-        '--image_size=16',
-        '--batch_size=2',
-        '--steps=1',
-        '--warmup=1',
-        '--precision=float16',
-        '--conv_kernels=library',
-        '--phases=train',
-        '--nocount_flops',
-        f'--timing_lock={os.path.join(tmp, "lock")}',
-        f'--json={path}',
-      ],
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    result, out = self._run_tiny_bench(
+      '--precision=float16',
+      '--conv_kernels=library',
+      '--phases=train',
+      '--nocount_flops',
+      f'--timing_lock={os.path.join(self.get_temp_dir(), "lock")}',
     )
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    with open(path) as f:
-      out = json.load(f)
     self.assertEqual(out['config']['coupling_dtype'], 'float16')
     self.assertEqual((out['conv_kernels'], out['conv_kernels_resolved']), ('library', 'library'))
     self.assertEqual(out['eval'], {'skipped': True})
@@ -138,6 +118,25 @@ class BenchTest(tf.test.TestCase):
     # The dynamic loss scale starts at 2**15 and only halves (overflows) in 2 steps.
     self.assertLessEqual(out['loss_scale'], 2.0**15)
     self.assertEqual(out['loss_scale'] * 2 ** out['train_skipped_steps'], 2.0**15)
+
+  def test_isolated_phases_each_in_a_process_of_its_own(self):
+    result, out = self._run_tiny_bench('--phases=eval,sample', '--isolate_phases')
+    self.assertIn('each phase in a process of its own', result.stdout)
+    self.assertTrue(out['isolated_phases'])
+    self.assertEqual(out['train'], {'skipped': True})
+    peaks = [out[phase]['peak_rss_mb'] for phase in ('eval', 'sample')]
+    self.assertEqual(out['peak_rss_mb'], max(peaks))
+    self.assertGreater(min(peaks), 0.0)
+    # The FLOP counts come from the eval phase's process and price the sample phase too.
+    flops = out['gflop_per_image']
+    self.assertAllClose(out['sample']['gflop_s'], flops['sample'] * out['sample']['img_s'])
+    self.assertEqual(out['params'], 75_532)
+
+  def test_isolated_phases_report_a_process_that_wrote_nothing(self):
+    # Each phase's process fails its flag check (before TensorFlow is imported): no result at
+    # all is an error naming the flag, not an empty table.
+    with self.assertRaisesRegex(RuntimeError, r'status 2: error: .*--image_size=12'):
+      bench.run_isolated(['--preset=tiny', '--image_size=12', ''], ['eval', 'sample'])
 
   def test_table_shows_failed_phases(self):
     result = {

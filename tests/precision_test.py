@@ -15,11 +15,10 @@ from absl import flags
 from absl.testing import flagsaver, parameterized
 
 import tf_denseflow as tdf
-from tf_denseflow import cluster, precision, seeds
+from tf_denseflow import cluster, precision, replica_loss, seeds
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import train_config as train_config_lib
 from tf_denseflow import train_step as train_step_lib
-from tf_denseflow import trainer as trainer_lib
 from tf_denseflow.optim import Adamax
 
 _BATCH = 4  # global, 2 per replica
@@ -71,8 +70,8 @@ class Run:
       model,
       self.optimizer,
       model.trainable_variables,
-      lambda images, s, replica: trainer_lib.replica_noise(model, s, replica, _BATCH, per_replica),
-      lambda images, noise: trainer_lib.nll_given_noise(model, images, noise, training=True),
+      lambda images, s, replica: replica_loss.replica_noise(model, s, replica, _BATCH, per_replica),
+      lambda images, noise: replica_loss.nll_given_noise(model, images, noise, training=True),
       _BATCH,
       self.step,
       self.skipped,
@@ -209,10 +208,10 @@ class MixedPrecisionTrainingTest(tf.test.TestCase, parameterized.TestCase):
     images = _images()
     model.initialize(images)
     variables = model.trainable_variables
-    noise = trainer_lib.replica_noise(model, tf.constant([3, 4], tf.int64), 0, _BATCH, _BATCH)
+    noise = replica_loss.replica_noise(model, tf.constant([3, 4], tf.int64), 0, _BATCH, _BATCH)
 
     def nll():
-      return trainer_lib.nll_given_noise(model, images, noise, training=True)
+      return replica_loss.nll_given_noise(model, images, noise, training=True)
 
     plain = train_step_lib.replica_loss_and_grads(model, variables, nll, _BATCH)
     scaled = train_step_lib.replica_loss_and_grads(

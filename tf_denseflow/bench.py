@@ -4,7 +4,7 @@
 python -m tf_denseflow.bench --preset=small --image_size=32 --batch_size=16 \
     --json=runs/bench_small.json [--steps=10] [--warmup=2] [--jit_compile] \
     [--precision=bfloat16|float16] [--conv_kernels=auto|cpu|library] [--use_recompute_grad] \
-    [--phases=train,eval,sample] [--timing_lock=FILE]
+    [--phases=train,eval,sample] [--isolate_phases] [--timing_lock=FILE]
 ```
 Random uint8 images, one device. Each phase is one `tf.function` (traced and compiled during the
 warm-up calls, which are excluded), timed per call (outputs fetched to the host, so GPU work is
@@ -17,7 +17,11 @@ included) and summarised by the median:
 - `eval`: the ELBO with `training=False` (as evaluation runs it, one sample).
 - `sample`: `model.sample(batch_size)`.
 
-`--phases` times a subset (the others are reported as skipped). `--precision` is the coupling
+`--phases` times a subset (the others are reported as skipped). Each phase reports the process's
+peak RSS when it ended (`peak_rss_mb`), which includes the phases before it; `--isolate_phases`
+runs each phase in a process of its own (model, data and functions built again there), so each
+peak is the phase's own, as the official code's is measured (`benchmarks/official_torch_bench.py
+--phases=P`). `--precision` is the coupling
 networks' compute dtype (`--coupling_dtype`, the older name, works too); float16 trains with the
 dynamic loss scale (`precision.DynamicLossScale`). `--conv_kernels` is `tf_denseflow.kernels`'
 switch (the JSON records the setting and the kernels it resolved to). On a GPU each phase also
@@ -43,21 +47,21 @@ the time (performance.md: ~210 GFLOP/s on an idle machine).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
 import json
 import os
-import resource
-import statistics
+import subprocess
 import sys
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+import tempfile
+from typing import Any, Dict, List
 
 from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
+  PHASES,
   build_phases,
   count_flops,
   device_info,
+  fetch,
+  make_config,
+  run_benchmark,
   sgemm_gflop_s,
 )
 from tf_denseflow.checks import INT32_MAX as _INT32_MAX
@@ -71,218 +75,13 @@ __all__ = [
   'count_flops',
   'define_bench_flags',
   'format_table',
+  'make_config',
   'run_benchmark',
+  'run_isolated',
 ]
 
 # The official conv/matmul cost of one log-likelihood pass per 32x32 image (multiply-adds).
 OFFICIAL_GMAC_32 = {'small': 2.32, 'denseflow_74_10': 16.35}
-
-
-PHASES = ('train', 'eval', 'sample')
-
-
-def _make_config(
-  preset: str, image_size: int, coupling_dtype: str, use_recompute_grad: bool = False
-):
-  from tf_denseflow.config import DenseFlowConfig
-
-  if preset not in PRESETS:
-    raise ValueError(f'Unknown preset {preset!r}; choose one of {", ".join(PRESETS)}.')
-  return getattr(DenseFlowConfig, preset)(
-    (image_size, image_size, 3),
-    coupling_dtype=coupling_dtype,
-    use_recompute_grad=use_recompute_grad,
-  )
-
-
-def _fetch(outputs) -> None:
-  """Copies every output to the host: the call has finished on the device."""
-  import tensorflow as tf
-
-  for t in tf.nest.flatten(outputs):
-    if hasattr(t, 'numpy'):
-      t.numpy()
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Optional[str], result: Dict[str, Any]) -> Iterator[None]:
-  """Holds an exclusive `flock` on `lock_path` (if given); records the wait in `result`."""
-  if not lock_path:
-    yield
-    return
-  start = time.perf_counter()
-  with open(lock_path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    result['lock_wait_s'] = time.perf_counter() - start
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _time_phase(
-  call: Callable[[int], Any],
-  warmup: int,
-  steps: int,
-  lock_path: Optional[str] = None,
-  trace: Optional[Callable[[], Any]] = None,
-) -> Dict[str, Any]:
-  """Runs `call(i)` `warmup` + `steps` times; timings of the last `steps` calls.
-
-  With `lock_path`, `trace()` first traces the function (CPU work, in parallel with other
-  processes; `trace_s`), then every call holds the lock: the first one (graph optimisation, XLA
-  compilation, `first_call_s`) and the timed ones run with the device to themselves, and a
-  process's device memory peak never overlaps another's (each bench process exits after it).
-  """
-  result: Dict[str, Any] = {}
-  try:
-    if lock_path and trace is not None:
-      start = time.perf_counter()
-      trace()
-      result['trace_s'] = time.perf_counter() - start
-    with _exclusive(lock_path, result):
-      start = time.perf_counter()
-      for i in range(warmup):
-        _fetch(call(i))
-        if i == 0:
-          result['first_call_s'] = time.perf_counter() - start
-      times = []
-      for i in range(warmup, warmup + steps):
-        start = time.perf_counter()
-        _fetch(call(i))
-        times.append(time.perf_counter() - start)
-  except Exception as e:  # noqa: BLE001 -- one failing phase (e.g. an XLA-unsupported op) is reported, the others still run.
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    why = [ln for ln in lines if ln.startswith(('Detected', 'No registered'))] or lines or ['']
-    result['error'] = f'{type(e).__name__}: {why[0]}'[:500]
-    return result
-  result['step_s'] = statistics.median(times)
-  result['step_s_all'] = times
-  return result
-
-
-def run_benchmark(
-  config,
-  batch_size: int,
-  steps: int = 10,
-  warmup: int = 2,
-  jit_compile: bool = False,
-  with_flops: bool = True,
-  seed: int = 0,
-  phases: Sequence[str] = PHASES,
-  timing_lock: Optional[str] = None,
-) -> Dict[str, Any]:
-  """Times the training step, ELBO evaluation and sampling of a fresh model of `config`.
-
-  Args:
-    config: a `DenseFlowConfig`.
-    batch_size: images per call.
-    steps: timed calls per phase (the median is reported).
-    warmup: untimed calls first (tracing and compilation; at least 1).
-    jit_compile: XLA-compile the loss-and-gradient, eval and sample functions.
-    with_flops: count FLOPs with TF's profiler (adds a few seconds for big models; only when the
-      `eval` phase runs, whose trace it reuses).
-    seed: data and weight-initialisation seed.
-    phases: the phases to time, a subset of `PHASES`; the others hold `{'skipped': True}`.
-    timing_lock: a file to `flock` around each phase's calls after the first (module docstring).
-
-  Returns:
-    The JSON-ready result (see the module docstring); a phase that fails holds `error`.
-    Per phase: `step_s` (median), `step_s_all`, `img_s`, `first_call_s`, and on a GPU
-    `peak_gpu_mb`; `conv_kernels` (the setting) and `conv_kernels_resolved` ('cpu'/'library').
-
-  Raises:
-    ValueError, TypeError: a bad argument (the message names it).
-  """
-  import tensorflow as tf
-
-  from tf_denseflow import checks, kernels
-
-  batch_size = checks.check_int('batch_size', batch_size, 1, _INT32_MAX)
-  steps = checks.check_int('steps', steps, 1, _INT32_MAX)
-  warmup = checks.check_int('warmup', warmup, 1, _INT32_MAX)
-  seed = checks.check_int('seed', seed, 0, _INT64_MAX)
-  unknown = [p for p in phases if p not in PHASES]
-  if unknown or not phases:
-    raise ValueError(f'`phases` must be a non-empty subset of {PHASES}, got {list(phases)}.')
-  # Calibration first, before the model's graphs and buffers exist.
-  gemm = sgemm_gflop_s() if not tf.config.list_physical_devices('GPU') else None
-  parts = build_phases(config, batch_size, jit_compile, seed)
-  model, batches = parts['model'], parts['batches']
-  train_step, eval_fn, sample_fn = parts['train'], parts['eval'], parts['sample']
-  iterator, seed_of = parts['iterator'], parts['seed_of']
-  build_s, init_s = parts['build_s'], parts['init_s']
-
-  calls = {
-    'train': lambda i: train_step(iterator),
-    'eval': lambda i: eval_fn(batches[i % 2], seed_of(i)),
-    'sample': lambda i: sample_fn(seed_of(i)),
-  }
-  traces = {  # the same input signatures as the calls: these traces are the ones called
-    'train': lambda: train_step.get_concrete_function(iterator),
-    'eval': lambda: eval_fn.get_concrete_function(batches[0], seed_of(0)),
-    'sample': lambda: sample_fn.get_concrete_function(seed_of(0)),
-  }
-  gpu = bool(tf.config.list_logical_devices('GPU'))
-  timed = {}
-  for name in PHASES:
-    if name not in phases:
-      timed[name] = {'skipped': True}
-      continue
-    if gpu:
-      tf.config.experimental.reset_memory_stats('GPU:0')
-    timed[name] = _time_phase(calls[name], warmup, steps, timing_lock, traces[name])
-    if gpu:
-      timed[name]['peak_gpu_mb'] = tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20
-  phases = timed
-  for phase in phases.values():
-    if 'step_s' in phase:
-      phase['img_s'] = batch_size / phase['step_s']
-
-  flops = None
-  if with_flops and 'step_s' in phases['eval']:
-    # Traced again with the networks inlined: the profiler counts one graph's ops, not those of
-    # the (shared, non-inlined) network functions it calls.
-    forward = count_flops(eval_fn.python_function, batches[0], seed_of(0))
-    sampling = count_flops(sample_fn.python_function, seed_of(0))
-    if forward:
-      flops = {
-        'source': 'tf.compat.v1.profiler float_operation() on the traced eval/sample graphs; '
-        'train = 3 x eval (forward + backward estimate)',
-        'eval': forward / batch_size / 1e9,
-        'train': 3.0 * forward / batch_size / 1e9,
-        'sample': sampling / batch_size / 1e9 if sampling else None,
-      }
-      for name, phase in phases.items():
-        if 'img_s' in phase and flops.get(name):
-          phase['gflop_s'] = flops[name] * phase['img_s']
-
-  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-  result = {
-    'train': phases['train'],
-    'eval': phases['eval'],
-    'sample': phases['sample'],
-    'peak_rss_mb': rss_mb,
-    'sgemm_gflop_s': gemm,
-    'params': model.num_parameters(),
-    'config': dataclasses.asdict(config),
-    'gflop_per_image': flops,
-    'batch_size': batch_size,
-    'steps': steps,
-    'warmup': warmup,
-    'jit_compile': jit_compile,
-    'conv_kernels': kernels.get_conv_kernels(),
-    'conv_kernels_resolved': kernels.resolve(),
-    # Skipped training steps (float16 overflows while the loss scale settles) time no update.
-    'train_skipped_steps': int(parts['skipped_steps'].numpy()),
-    'loss_scale': float(parts['loss_scale'].scale.numpy()) if parts['loss_scale'] else None,
-    'build_s': build_s,
-    'init_s': init_s,
-    'device': device_info(),
-  }
-  if gpu:
-    result['peak_gpu_mb'] = max(p.get('peak_gpu_mb', 0.0) for p in phases.values())
-  return result
 
 
 def format_table(result: Dict[str, Any], name: str = '') -> str:
@@ -294,7 +93,8 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
     f'{result["params"]:,} params, jit_compile={result["jit_compile"]}, '
     f'coupling_dtype={cfg["coupling_dtype"]}, recompute_grad={cfg.get("use_recompute_grad", False)}'
     f', conv_kernels={result.get("conv_kernels_resolved", "cpu")}',
-    f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}',
+    f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}'
+    f'{"peak RSS MB":>13}',
   ]
   flops = result.get('gflop_per_image') or {}
   for phase in ('train', 'eval', 'sample'):
@@ -310,9 +110,15 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
       f'{phase:<8}{r["step_s"]:>10.4f}{r["img_s"]:>10.1f}'
       f'{per_image if per_image is not None else float("nan"):>11.3f}'
       f'{r.get("gflop_s", float("nan")):>10.1f}{r.get("first_call_s", float("nan")):>12.1f}'
+      f'{r.get("peak_rss_mb", float("nan")):>13.0f}'
     )
+  how = (
+    'each phase in a process of its own'
+    if result.get('isolated_phases')
+    else "per phase: the process's peak when it ended (--isolate_phases: each phase's own)"
+  )
   lines.append(
-    f'peak RSS {result["peak_rss_mb"]:.0f} MB'
+    f'peak RSS {result["peak_rss_mb"]:.0f} MB ({how})'
     + (f', peak GPU memory {result["peak_gpu_mb"]:.0f} MB' if 'peak_gpu_mb' in result else '')
   )
   gemm = result.get('sgemm_gflop_s')
@@ -399,6 +205,12 @@ def define_bench_flags() -> None:
     'Recompute coupling-network activations in the backward pass.',
   )
   define(flags.DEFINE_bool, 'count_flops', True, 'Count FLOPs with the TF profiler.')
+  define(
+    flags.DEFINE_bool,
+    'isolate_phases',
+    False,
+    "Run each phase in a process of its own (each phase's own peak RSS).",
+  )
   define(flags.DEFINE_string, 'json', None, 'Write the result to this JSON file.')
   define(
     flags.DEFINE_integer,
@@ -408,6 +220,78 @@ def define_bench_flags() -> None:
     lower_bound=0,
     upper_bound=_INT64_MAX,
   )
+
+
+# What a phase's own process is given (`--isolate_phases`): every flag but the phases and output.
+_CHILD_FLAGS = (
+  'preset',
+  'image_size',
+  'batch_size',
+  'steps',
+  'warmup',
+  'jit_compile',
+  'coupling_dtype',
+  'precision',
+  'conv_kernels',
+  'timing_lock',
+  'use_recompute_grad',
+  'count_flops',
+  'seed',
+)
+
+
+def run_isolated(flag_args: List[str], phases: List[str]) -> Dict[str, Any]:
+  """Each of `phases` timed by `python -m tf_denseflow.bench` in a process of its own, in turn.
+
+  Args:
+    flag_args: the bench flags for every phase's process (`--preset=small`, ...).
+    phases: a subset of `PHASES`.
+
+  Returns:
+    `run_benchmark`'s result with each phase from its own process: the phase's `peak_rss_mb`
+    is that process's peak, `peak_rss_mb` the largest, `isolated_phases` True. The FLOP counts
+    come from the eval phase's process. A process that wrote no result leaves its phase an
+    `error` naming its exit status and last line on stderr.
+
+  Raises:
+    RuntimeError: no phase's process wrote a result.
+  """
+  results: Dict[str, Dict[str, Any]] = {}
+  errors: Dict[str, str] = {}
+  with tempfile.TemporaryDirectory(prefix='bench_') as tmp:
+    for phase in phases:
+      path = os.path.join(tmp, f'{phase}.json')
+      args = [a for a in flag_args if a] + [f'--phases={phase}', f'--json={path}']
+      proc = subprocess.run(
+        [sys.executable, '-m', 'tf_denseflow.bench', *args], capture_output=True, text=True
+      )
+      if os.path.exists(path):
+        with open(path) as f:
+          results[phase] = json.load(f)
+      else:
+        last = (proc.stderr.strip().splitlines() or [''])[-1]
+        errors[phase] = f'its process exited with status {proc.returncode}: {last}'[:500]
+  if not results:
+    raise RuntimeError('--isolate_phases: no phase finished; ' + '; '.join(errors.values()))
+  merged = dict(next(iter(results.values())))
+  merged.update({p: {'skipped': True} for p in PHASES})
+  merged.update({p: {'error': why} for p, why in errors.items()})
+  for phase, result in results.items():
+    merged[phase] = dict(result[phase], peak_rss_mb=result['peak_rss_mb'])
+  for key in ('train_skipped_steps', 'loss_scale'):  # the training step's own
+    merged[key] = (results.get('train') or {}).get(key)
+  merged['gflop_per_image'] = (results.get('eval') or {}).get('gflop_per_image')
+  flops = merged['gflop_per_image'] or {}
+  for phase in PHASES:
+    if 'img_s' in merged[phase] and flops.get(phase):
+      merged[phase]['gflop_s'] = flops[phase] * merged[phase]['img_s']
+  merged['peak_rss_mb'] = max(r['peak_rss_mb'] for r in results.values())
+  gpu = [r['peak_gpu_mb'] for r in results.values() if r.get('peak_gpu_mb') is not None]
+  merged.pop('peak_gpu_mb', None)
+  if gpu:
+    merged['peak_gpu_mb'] = max(gpu)
+  merged['isolated_phases'] = True
+  return merged
 
 
 def main(argv: List[str]) -> None:
@@ -435,7 +319,7 @@ def main(argv: List[str]) -> None:
   if bad_phases or not f.phases:
     flags_lib.fail(f'--phases={",".join(f.phases)}: choose from {",".join(PHASES)}.')
   try:
-    config = _make_config(f.preset, f.image_size, dtype, f.use_recompute_grad)
+    config = make_config(f.preset, f.image_size, dtype, f.use_recompute_grad)
   except ValueError as e:
     flags_lib.fail(f'--preset={f.preset} --image_size={f.image_size}: {e}')
   if f.json:  # before the (slow) run: the result must have somewhere to go
@@ -448,20 +332,27 @@ def main(argv: List[str]) -> None:
     target = f.json if os.path.exists(f.json) else (directory or '.')
     if os.path.isdir(f.json) or not os.access(target, os.W_OK):
       flags_lib.fail(f'--json={f.json}: not a writable file path.')
-  from tf_denseflow import kernels
+  if f.isolate_phases and len(f.phases) > 1:
+    try:
+      result = run_isolated([f[name].serialize() for name in _CHILD_FLAGS], f.phases)
+    except RuntimeError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
+  else:
+    from tf_denseflow import kernels
 
-  kernels.set_conv_kernels(f.conv_kernels)
-  result = run_benchmark(
-    config,
-    f.batch_size,
-    f.steps,
-    f.warmup,
-    f.jit_compile,
-    f.count_flops,
-    f.seed,
-    phases=f.phases,
-    timing_lock=f.timing_lock,
-  )
+    kernels.set_conv_kernels(f.conv_kernels)
+    result = run_benchmark(
+      config,
+      f.batch_size,
+      f.steps,
+      f.warmup,
+      f.jit_compile,
+      f.count_flops,
+      f.seed,
+      phases=f.phases,
+      timing_lock=f.timing_lock,
+    )
   result['preset'] = f.preset
   if f.preset in OFFICIAL_GMAC_32 and f.image_size == 32:
     result['official_gmac_per_image_32'] = OFFICIAL_GMAC_32[f.preset]

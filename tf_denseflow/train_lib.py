@@ -64,6 +64,11 @@ from tf_denseflow import cluster, kernels, summaries, train_loop
 from tf_denseflow import data as data_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
+from tf_denseflow.replica_loss import (  # noqa: F401 -- re-exported
+  negative_elbo,
+  nll_given_noise,
+  replica_noise,
+)
 from tf_denseflow.seeds import step_seed  # noqa: F401 -- re-exported
 from tf_denseflow.train_config import (  # noqa: F401 -- re-exported: the public training API
   METRICS_FILE,
@@ -80,12 +85,7 @@ from tf_denseflow.train_config import (  # noqa: F401 -- re-exported: the public
   model_config_from_flags,
 )
 from tf_denseflow.train_loop import TrainResult
-from tf_denseflow.trainer import (  # noqa: F401 -- re-exported
-  Trainer,
-  negative_elbo,
-  nll_given_noise,
-  replica_noise,
-)
+from tf_denseflow.trainer import Trainer  # noqa: F401 -- re-exported
 
 __all__ = [
   'ConfigError',

@@ -3,19 +3,14 @@
 Orbit's seams (`orbit.StandardTrainer` / `StandardEvaluator`): a `Trainer` owns the state and
 the `tf.function`s, and `train(num_steps)` runs `num_steps` steps in one call (the inner loop);
 the outer loop in `train_lib.train` owns the cadence of logging, evaluation, checkpoints and
-samples. The step itself (loss, one all-reduce, guarded update) is `train_step.py`'s.
-
-The loss of a replica, with replica-independent noise (`noise_seeding='global_batch'`, the
-default): every replica derives the noise of the whole global batch from the step's seed
-(`DenseFlow.draw_noise`) and keeps the rows of its own examples, so example `j` of the global
-batch gets the same noise whatever the number of replicas; with `'per_replica'` the replica id is
-folded into the seed instead (cheaper: no redundant draws). Seeds come from `seeds.py`.
+samples. The step itself (loss, one all-reduce, guarded update) is `train_step.py`'s, the
+replica's loss with replica-independent noise `replica_loss.py`'s.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -26,82 +21,12 @@ from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
 from tf_denseflow.optim import Adamax
+from tf_denseflow.replica_loss import negative_elbo, nll_given_noise, replica_noise
 from tf_denseflow.train_config import ConfigError, TrainConfig, TrainingError
 
 __all__ = [
   'Trainer',
-  'negative_elbo',
-  'nll_given_noise',
-  'replica_noise',
 ]
-
-
-# -------------------------------------------------------------------------------------------------
-# The per-example loss with replica-independent noise.
-
-
-def replica_noise(
-  model: DenseFlow,
-  seed: tf.Tensor,
-  replica_id,
-  global_batch: int,
-  size: int,
-  noise_seeding: str = 'global_batch',
-) -> Tuple[tf.Tensor, List[tf.Tensor]]:
-  """The dequantization and augmentation noise of one replica's `size` examples.
-
-  'global_batch': rows `replica_id * size ...` of `model.draw_noise(seed, global_batch)` (example
-  j's noise does not depend on the replica count); 'per_replica': the draws of
-  `model.elbo(images, fold_in(seed, replica_id))`.
-
-  Drawn by TF's kernels outside any XLA cluster (XLA's stateless generators give other numbers
-  for the same seed), so `--jit_compile` does not change the noise.
-  """
-  replica_id = tf.cast(replica_id, tf.int64)
-  if noise_seeding == 'per_replica':
-    return model.draw_noise(tf.random.experimental.stateless_fold_in(seed, replica_id), size)
-  return model.draw_noise(seed, global_batch, replica_id * size, size)
-
-
-def nll_given_noise(model: DenseFlow, images, noise, training: bool) -> tf.Tensor:
-  """`-elbo` in nats, `[B]`, with the noise `(u, [noise_1, ...])` of `replica_noise`."""
-  u, augmentation = noise
-  terms = model.elbo_terms(images, training=training, dequant_noise=u, noise=augmentation)
-  return -terms['total']
-
-
-def negative_elbo(
-  model: DenseFlow,
-  images: tf.Tensor,
-  seed: tf.Tensor,
-  replica_id,
-  global_batch: int,
-  training: bool,
-  noise_seeding: str = 'global_batch',
-) -> tf.Tensor:
-  """Single-sample negative ELBO in nats, `[B]`, of one replica's slice of a global batch.
-
-  Args:
-    model: the flow.
-    images: uint8 `[B, H, W, C]`, rows `replica_id * B ...` of the global batch.
-    seed: the step's stateless seed `[2]` (int64).
-    replica_id: the replica's index (int or scalar tensor).
-    global_batch: examples in the global batch (`B * replicas`).
-    training: batch-norm mode.
-    noise_seeding: 'global_batch' (noise of global row j is the same for any replica count) or
-      'per_replica' (`model.elbo` with the replica id folded into the seed).
-
-  Returns:
-    `-elbo`, `[B]`.
-
-  Raises:
-    ValueError: the batch size is not static.
-  """
-  size = images.shape[0]
-  if size is None:
-    raise ValueError('negative_elbo needs a static batch size.')
-  noise = replica_noise(model, seed, replica_id, global_batch, size, noise_seeding)
-  return nll_given_noise(model, images, noise, training)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -200,10 +125,12 @@ class Trainer:
     if config.steps_per_loop > 1:
       self._train_loop = train_step_lib.make_train_loop(self._train_step)
     self._iterator = None
-    self._eval_dataset = None
+    self._eval_dataset, self._eval_batches = None, 0
     if self.can_evaluate:  # checked before any step: the test split is not empty
-      self._eval_dataset = _distributed_eval_dataset(config, strategy, self.eval_batch)
-    self._eval_step = tf.function(self._eval_batch, autograph=False)
+      self._eval_dataset, self._eval_batches = _distributed_eval_dataset(
+        config, strategy, self.eval_batch
+      )
+    self._eval_loop = tf.function(self._eval_all, autograph=False)
     self._sample = tf.function(
       lambda seed: self.model.sample(config.num_grid_samples, seed, config.sample_temperature),
       autograph=False,
@@ -343,12 +270,25 @@ class Trainer:
     Batch k's noise comes from `seeds.step_seed(seed, k, EVAL_STREAM)`, as in
     `python -m tf_denseflow.evaluate --num_importance_samples=1` with the same batch size.
     """
-    total, count = 0.0, 0.0
-    for index, batch in enumerate(self._eval_dataset):
-      t, c = self._eval_step(batch, tf.constant(index, tf.int64))
-      total += float(t)
-      count += float(c)
-    return total / max(count, 1.0) * self.config.model.bits_per_dim_scale
+    batches = tf.constant(self._eval_batches, tf.int64)
+    total, count = self._eval_loop(iter(self._eval_dataset), batches)
+    return float(total) / max(float(count), 1.0) * self.config.model.bits_per_dim_scale
+
+  def _eval_all(self, iterator, num_batches):
+    """The weighted sums of `-elbo` (nats) and of the weights over `num_batches` global batches.
+
+    One `tf.function` call for the whole test split (a `tf.while_loop`, as `make_train_loop`
+    does for steps): the host waits once per evaluation, not once per batch. Sums in float64.
+    """
+
+    def body(index, total, count):
+      t, c = self._eval_batch(next(iterator), index)
+      return index + 1, total + tf.cast(t, tf.float64), count + tf.cast(c, tf.float64)
+
+    zero = tf.constant(0.0, tf.float64)
+    start = (tf.constant(0, tf.int64), zero, zero)
+    _, total, count = tf.while_loop(lambda i, *_: i < num_batches, body, start)
+    return total, count
 
   def _eval_batch(self, batch, index):
     seed = seeds.step_seed(self.config.seed, index, seeds.EVAL_STREAM)
@@ -383,8 +323,9 @@ class Trainer:
 
 def _distributed_eval_dataset(
   config: TrainConfig, strategy: tf.distribute.Strategy, eval_batch: int
-) -> tf.distribute.DistributedDataset:
-  """The test split as `(images, weights)` per replica (`data.make_padded_eval_dataset`).
+) -> Tuple[tf.distribute.DistributedDataset, int]:
+  """The test split as `(images, weights)` per replica (`data.make_padded_eval_dataset`), and
+  its number of global batches.
 
   Raises:
     ConfigError: the test split is empty.
@@ -394,6 +335,7 @@ def _distributed_eval_dataset(
     count = config.eval_examples if count is None else min(count, config.eval_examples)
   if not count:
     raise ConfigError(f'The test split of {config.data.dataset!r} is empty.')
-  return strategy.distribute_datasets_from_function(
+  dataset = strategy.distribute_datasets_from_function(
     lambda ctx: data_lib.make_padded_eval_dataset(config.data, count, eval_batch, ctx)
   )
+  return dataset, -(-count // eval_batch)
