@@ -9,8 +9,9 @@ bench's step (`bench_phases.build_phases`: the default strategy, two random batc
 for the same model config, then times their steps alternately (the order flips every repetition,
 so a machine shared with other jobs slows both alike). Also times the input pipeline alone
 (`next()` on the training dataset, no model running) and `--eval_reps` evaluations of
-`--eval_examples` test images (`Trainer.evaluate`) against the bench's ELBO calls on as many
-random images, alternated too.
+`--eval_examples` test images (`Trainer.evaluate`, one function call; and the per-batch Python
+loop it replaced in session 8) against the bench's ELBO calls on as many random images,
+alternated too.
 Prints medians and the per-pair ratio trainer/bench (1.0: the loop's step costs what the bench's
 does). Results: docs/benchmarks.md section 5.
 """
@@ -106,36 +107,45 @@ def main(argv=None):
     next(iterator)
   print(f'input pipeline: {(time.perf_counter() - start) / 50 * 1e3:.2f} ms a batch', flush=True)
 
-  # Evaluations of the test split against the bench's ELBO on as many images, alternated.
+  # Evaluations of the test split against the bench's ELBO on as many images, alternated; and the
+  # trainer's evaluation as it was before session 8 (a Python loop over the distributed dataset,
+  # one function call and host sync per batch), from the same per-batch function.
   images = phases['batches'][0]
   calls = -(-args.eval_examples // batch)
+  eval_batch = tf.function(trainer._eval_batch, autograph=False)
 
-  def trainer_eval():
-    trainer.evaluate()
+  def per_batch_eval():
+    total = count = 0.0
+    for index, b in enumerate(trainer._eval_dataset):
+      t, c = eval_batch(b, tf.constant(index, tf.int64))
+      total, count = total + float(t), count + float(c)
+    return total / count
 
   def bench_eval():
     for i in range(calls):
       phases['eval'](images, phases['seed_of'](i)).numpy()
 
-  trainer_eval()  # traces
-  bench_eval()
-  pairs = []
+  evals = {'trainer': trainer.evaluate, 'per_batch': per_batch_eval, 'bench': bench_eval}
+  for fn in evals.values():
+    fn()  # traces
+  took = {name: [] for name in evals}
   for rep in range(args.eval_reps):
-    took = {}
-    for name, fn in (('trainer', trainer_eval), ('bench', bench_eval))[
-      :: 1 if rep % 2 == 0 else -1
-    ]:
+    for name in list(evals)[:: 1 if rep % 2 == 0 else -1]:
       start = time.perf_counter()
-      fn()
-      took[name] = time.perf_counter() - start
-    pairs.append((took['trainer'], took['bench']))
-  trainer_s, bench_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
-  ratios = [t / b for t, b in pairs]
+      evals[name]()
+      took[name].append(time.perf_counter() - start)
+  medians = {name: statistics.median(values) for name, values in took.items()}
   print(
-    f'evaluation of {args.eval_examples} images ({calls} calls of {batch}), {len(pairs)} pairs: '
-    f'trainer median {trainer_s:.2f} s, bench {bench_s:.2f} s; per-pair ratio median '
-    f'{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})'
+    f'evaluation of {args.eval_examples} images ({calls} calls of {batch}), {args.eval_reps} '
+    'alternated repetitions, median s: '
+    + ', '.join(f'{name} {value:.2f}' for name, value in medians.items())
   )
+  for name in ('trainer', 'per_batch'):
+    ratios = [t / b for t, b in zip(took[name], took['bench'])]
+    print(
+      f'  {name}/bench per repetition: median {statistics.median(ratios):.3f} '
+      f'(range {min(ratios):.3f}-{max(ratios):.3f})'
+    )
   tf.io.gfile.rmtree(workdir)
 
 

@@ -64,6 +64,7 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['params'], 75_532)
     self.assertEqual(out['config']['image_shape'], [16, 16, 3])
     self.assertEqual(out['preset'], 'tiny')
+    self.assertEqual(out['grappler'], 'on')  # TensorFlow's default
     self.assertGreater(out['peak_rss_mb'], 0.0)
     self.assertGreater(out['sgemm_gflop_s'], 0.0)
     self.assertIn('2048^3 fp32 matmul', result.stdout)
@@ -120,9 +121,10 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['loss_scale'] * 2 ** out['train_skipped_steps'], 2.0**15)
 
   def test_isolated_phases_each_in_a_process_of_its_own(self):
-    result, out = self._run_tiny_bench('--phases=eval,sample', '--isolate_phases')
+    result, out = self._run_tiny_bench('--phases=eval,sample', '--isolate_phases', '--grappler=off')
     self.assertIn('each phase in a process of its own', result.stdout)
     self.assertTrue(out['isolated_phases'])
+    self.assertEqual(out['grappler'], 'off')  # the phases' processes get every flag
     self.assertEqual(out['train'], {'skipped': True})
     peaks = [out[phase]['peak_rss_mb'] for phase in ('eval', 'sample')]
     self.assertEqual(out['peak_rss_mb'], max(peaks))
@@ -175,6 +177,7 @@ class BenchTest(tf.test.TestCase):
         '--precision=float16 and --coupling_dtype=bfloat16',
       ),
       'unknown kernels': (['--conv_kernels=cudnn'], '--conv_kernels'),
+      'unknown grappler setting': (['--grappler=sometimes'], '--grappler'),
     }
     results = cli_testlib.run_cases(
       'tf_denseflow.bench:define_bench_flags',

@@ -67,6 +67,7 @@ from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
 from tf_denseflow.checks import INT32_MAX as _INT32_MAX
 from tf_denseflow.checks import INT64_MAX as _INT64_MAX
 from tf_denseflow.config import COUPLING_DTYPES, PRESETS
+from tf_denseflow.grappler import GRAPPLER
 from tf_denseflow.kernels import CONV_KERNELS
 
 __all__ = [
@@ -92,7 +93,8 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
     f'DenseFlow bench {name}: {h}x{w}x{c}, batch {result["batch_size"]}, '
     f'{result["params"]:,} params, jit_compile={result["jit_compile"]}, '
     f'coupling_dtype={cfg["coupling_dtype"]}, recompute_grad={cfg.get("use_recompute_grad", False)}'
-    f', conv_kernels={result.get("conv_kernels_resolved", "cpu")}',
+    f', conv_kernels={result.get("conv_kernels_resolved", "cpu")}'
+    f', grappler={result.get("grappler", "on")}',
     f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}'
     f'{"peak RSS MB":>13}',
   ]
@@ -204,6 +206,13 @@ def define_bench_flags() -> None:
     False,
     'Recompute coupling-network activations in the backward pass.',
   )
+  define(
+    flags.DEFINE_enum,
+    'grappler',
+    'on',
+    list(GRAPPLER),
+    "TensorFlow's graph optimizer for the timed functions: on or off (tf_denseflow.grappler).",
+  )
   define(flags.DEFINE_bool, 'count_flops', True, 'Count FLOPs with the TF profiler.')
   define(
     flags.DEFINE_bool,
@@ -233,6 +242,7 @@ _CHILD_FLAGS = (
   'coupling_dtype',
   'precision',
   'conv_kernels',
+  'grappler',
   'timing_lock',
   'use_recompute_grad',
   'count_flops',
@@ -339,9 +349,10 @@ def main(argv: List[str]) -> None:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)
   else:
-    from tf_denseflow import kernels
+    from tf_denseflow import grappler, kernels
 
     kernels.set_conv_kernels(f.conv_kernels)
+    grappler.set_grappler(f.grappler)
     result = run_benchmark(
       config,
       f.batch_size,

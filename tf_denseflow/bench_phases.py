@@ -294,10 +294,12 @@ def run_benchmark(
     timing_lock: a file to `flock` around each phase's calls after the first (module docstring).
 
   Returns:
-    The JSON-ready result (see the module docstring); a phase that fails holds `error`.
+    The JSON-ready result (`tf_denseflow.bench`'s docstring); a phase that fails holds `error`.
     Per phase: `step_s` (median), `step_s_all`, `img_s`, `first_call_s`, `peak_rss_mb` (the
     process's peak RSS when the phase ended: it includes the phases before it; one phase per
-    process for a phase's own, as `bench --isolate_phases` does), and on a GPU `peak_gpu_mb`; `conv_kernels` (the setting) and `conv_kernels_resolved` ('cpu'/'library').
+    process for a phase's own, as `bench --isolate_phases` does), and on a GPU `peak_gpu_mb`;
+    `conv_kernels` (the setting) and `conv_kernels_resolved` ('cpu'/'library'); `grappler`
+    ('on'/'off', `tf_denseflow.grappler`).
 
   Raises:
     ValueError, TypeError: a bad argument (the message names it).
@@ -366,6 +368,7 @@ def run_benchmark(
         if 'img_s' in phase and flops.get(name):
           phase['gflop_s'] = flops[name] * phase['img_s']
 
+  optimizer_options = tf.config.optimizer.get_experimental_options()
   result = {
     'train': phases['train'],
     'eval': phases['eval'],
@@ -381,6 +384,8 @@ def run_benchmark(
     'jit_compile': jit_compile,
     'conv_kernels': kernels.get_conv_kernels(),
     'conv_kernels_resolved': kernels.resolve(),
+    # Whether the functions ran through grappler (`tf_denseflow.grappler`; TF's default: on).
+    'grappler': 'off' if optimizer_options.get('disable_meta_optimizer') else 'on',
     # Skipped training steps (float16 overflows while the loss scale settles) time no update.
     'train_skipped_steps': int(parts['skipped_steps'].numpy()),
     'loss_scale': float(parts['loss_scale'].scale.numpy()) if parts['loss_scale'] else None,

@@ -29,7 +29,7 @@ from typing import Dict, Optional, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from tf_denseflow import checks, seeds, train_lib
+from tf_denseflow import checks, grappler, seeds, train_lib
 from tf_denseflow import data as data_lib
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import workdir as workdir_lib
@@ -184,6 +184,7 @@ def evaluate_workdir(
 def main(argv: Sequence[str]) -> None:
   flags_lib.start_main(argv, FLAGS)
   try:
+    grappler.set_grappler(FLAGS.grappler)  # before any function is first called
     dataset = FLAGS.dataset if flags_lib.explicitly_set(FLAGS, 'dataset') else None
     data_config = workdir_data_config(FLAGS.workdir, dataset, FLAGS.data_dir)
     if flags_lib.explicitly_set(FLAGS, 'image_size'):

@@ -108,7 +108,7 @@ def _define_checkpoint() -> None:
 
 def _define_common() -> None:
   _define_workdir()
-  config_flags.define_from_dataclass(TrainConfig, only=('seed',))
+  config_flags.define_from_dataclass(TrainConfig, only=('seed', 'grappler'))
   define(
     flags.DEFINE_string,
     'data_dir',

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from tf_denseflow import checks, summaries
+from tf_denseflow import checks, grappler, summaries
 from tf_denseflow import flags as flags_lib
 from tf_denseflow import workdir as workdir_lib
 
@@ -74,6 +74,7 @@ def sample_grid(
 def main(argv: Sequence[str]) -> None:
   flags_lib.start_main(argv, FLAGS)
   try:
+    grappler.set_grappler(FLAGS.grappler)  # before any function is first called
     path = sample_grid(
       FLAGS.workdir,
       FLAGS.num,

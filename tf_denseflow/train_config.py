@@ -21,6 +21,7 @@ from tf_denseflow.cluster import STRATEGIES
 from tf_denseflow.config import COUPLING_DTYPES as PRECISIONS
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.config_flags import check_fields, hparam, values_from_flags
+from tf_denseflow.grappler import GRAPPLER
 from tf_denseflow.kernels import CONV_KERNELS
 from tf_denseflow.optim import WarmupSchedule  # noqa: F401 -- re-exported: the schedule of OptimConfig
 from tf_denseflow.optim_config import LR_SCHEDULES, OptimConfig  # noqa: F401 -- re-exported
@@ -77,6 +78,8 @@ class TrainConfig:
       equal to `model.coupling_dtype` (None at construction: taken from the model); 'float16'
       trains with a `precision.DynamicLossScale`.
     conv_kernels: 'auto', 'cpu' or 'library' (`tf_denseflow.kernels`).
+    grappler: 'on' or 'off': TensorFlow's graph optimizer for the run's functions
+      (`tf_denseflow.grappler`; 'off' starts faster and takes more memory).
     steps_per_loop: training steps per `tf.function` call (orbit's inner loop): one host sync
       per `steps_per_loop` steps, so an accelerator is not idled by the host every step.
       Logging, evaluation, checkpoint and sample intervals are rounded to whole loops.
@@ -142,6 +145,13 @@ class TrainConfig:
     'Convolution kernels: cpu (matmul-based, measured faster on CPUs), library (tf.nn.conv2d, '
     'cuDNN on GPUs), auto = library when a GPU is visible, else cpu (tf_denseflow.kernels).',
     choices=CONV_KERNELS,
+  )
+  grappler: str = hparam(
+    'on',
+    "TensorFlow's graph optimizer (grappler) for the functions the program runs: on (TF's "
+    'default) or off (measured on CPUs: the same step time, a quicker first call, more memory '
+    'in evaluation and sampling; tf_denseflow.grappler).',
+    choices=GRAPPLER,
   )
   steps_per_loop: int = hparam(
     1,

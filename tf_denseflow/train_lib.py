@@ -60,7 +60,7 @@ from typing import Callable, Dict, Iterator, Optional
 import tensorflow as tf
 from absl import logging
 
-from tf_denseflow import cluster, kernels, summaries, train_loop
+from tf_denseflow import cluster, grappler, kernels, summaries, train_loop
 from tf_denseflow import data as data_lib
 from tf_denseflow import workdir as workdir_lib
 from tf_denseflow.model import DenseFlow
@@ -231,6 +231,7 @@ def train(
     steps_per_epoch = math.ceil(num_train / global_batch)
 
   kernels.set_conv_kernels(config.conv_kernels)  # read when the functions are traced
+  grappler.set_grappler(config.grappler)  # read when they are first called
   trainer = Trainer(config, strategy, workdir, WarmupSchedule(config.optim, steps_per_epoch))
   start_step = trainer.restore_or_initialize(resuming)
   if resuming:

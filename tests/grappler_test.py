@@ -1,0 +1,58 @@
+"""tf_denseflow.grappler: the setting, and the same numbers with TensorFlow's graph optimizer off."""
+
+import numpy as np
+import tensorflow as tf
+
+from tf_denseflow import grappler
+from tf_denseflow.config import DenseFlowConfig
+from tf_denseflow.model import DenseFlow
+
+
+def _meta_optimizer_disabled() -> bool:
+  return bool(tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer'))
+
+
+class GrapplerTest(tf.test.TestCase):
+  def setUp(self):
+    super().setUp()
+    before = tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer', False)
+    self.addCleanup(
+      tf.config.optimizer.set_experimental_options, {'disable_meta_optimizer': before}
+    )
+
+  def test_set_grappler_sets_the_process_option(self):
+    self.assertFalse(grappler.set_grappler('off'))
+    self.assertTrue(_meta_optimizer_disabled())
+    self.assertTrue(grappler.set_grappler('on'))
+    self.assertFalse(_meta_optimizer_disabled())
+    grappler.set_grappler('off')
+    for bad in ('auto', 'true', None, 1):
+      with self.assertRaisesRegex(ValueError, '`grappler` must be one of'):
+        grappler.set_grappler(bad)
+    self.assertTrue(_meta_optimizer_disabled())  # a refused setting changes nothing
+
+  def test_the_same_elbo_and_gradient_without_grappler(self):
+    # Grappler only rewrites graphs (fusions, folding, pruning): off, a function computes the
+    # same values to float32 round-off. Each setting instantiates its own tf.function.
+    model = DenseFlow(DenseFlowConfig.tiny((16, 16, 3)), seed=0)
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)), tf.uint8)
+    model.initialize(images)
+    seed = tf.constant([3, 4], tf.int64)
+
+    def loss_and_grads(x, s):
+      with tf.GradientTape() as tape:
+        loss = -tf.reduce_mean(model.elbo(x, s, training=True))
+      return loss, tape.gradient(loss, model.trainable_variables)
+
+    results = {}
+    for setting in ('on', 'off'):
+      grappler.set_grappler(setting)
+      results[setting] = tf.function(loss_and_grads, autograph=False)(images, seed)
+    (loss_on, grads_on), (loss_off, grads_off) = results['on'], results['off']
+    self.assertAllClose(loss_on, loss_off, rtol=1e-6)
+    for g_on, g_off in zip(grads_on, grads_off):
+      self.assertAllClose(g_on, g_off, rtol=1e-4, atol=1e-6)
+
+
+if __name__ == '__main__':
+  tf.test.main()
