@@ -127,7 +127,7 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['grappler'], 'off')  # the phases' processes get every flag
     self.assertEqual(out['train'], {'skipped': True})
     peaks = [out[phase]['peak_rss_mb'] for phase in ('eval', 'sample')]
-    self.assertEqual(out['peak_rss_mb'], max(peaks))
+    self.assertGreaterEqual(out['peak_rss_mb'], max(peaks))  # the FLOP count comes after
     self.assertGreater(min(peaks), 0.0)
     # The FLOP counts come from the eval phase's process and price the sample phase too.
     flops = out['gflop_per_image']

@@ -59,11 +59,10 @@ from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
   build_phases,
   count_flops,
   device_info,
-  fetch,
   make_config,
-  run_benchmark,
   sgemm_gflop_s,
 )
+from tf_denseflow.bench_timing import fetch, run_benchmark  # noqa: F401 -- re-exported
 from tf_denseflow.checks import INT32_MAX as _INT32_MAX
 from tf_denseflow.checks import INT64_MAX as _INT64_MAX
 from tf_denseflow.config import COUPLING_DTYPES, PRESETS
@@ -259,7 +258,8 @@ def run_isolated(flag_args: List[str], phases: List[str]) -> Dict[str, Any]:
 
   Returns:
     `run_benchmark`'s result with each phase from its own process: the phase's `peak_rss_mb`
-    is that process's peak, `peak_rss_mb` the largest, `isolated_phases` True. The FLOP counts
+    is that process's peak when the phase ended (before the FLOP count), `peak_rss_mb` the
+    largest of the processes' whole peaks, `isolated_phases` True. The FLOP counts
     come from the eval phase's process. A process that wrote no result leaves its phase an
     `error` naming its exit status and last line on stderr.
 
@@ -287,7 +287,7 @@ def run_isolated(flag_args: List[str], phases: List[str]) -> Dict[str, Any]:
   merged.update({p: {'skipped': True} for p in PHASES})
   merged.update({p: {'error': why} for p, why in errors.items()})
   for phase, result in results.items():
-    merged[phase] = dict(result[phase], peak_rss_mb=result['peak_rss_mb'])
+    merged[phase] = result[phase]  # its peak_rss_mb: that process's, before the FLOP count
   for key in ('train_skipped_steps', 'loss_scale'):  # the training step's own
     merged[key] = (results.get('train') or {}).get(key)
   merged['gflop_per_image'] = (results.get('eval') or {}).get('gflop_per_image')
