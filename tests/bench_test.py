@@ -121,10 +121,13 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['loss_scale'] * 2 ** out['train_skipped_steps'], 2.0**15)
 
   def test_isolated_phases_each_in_a_process_of_its_own(self):
-    result, out = self._run_tiny_bench('--phases=eval,sample', '--isolate_phases', '--grappler=off')
+    result, out = self._run_tiny_bench(
+      '--phases=eval,sample', '--isolate_phases', '--grappler=off', '--precision=bfloat16'
+    )
     self.assertIn('each phase in a process of its own', result.stdout)
     self.assertTrue(out['isolated_phases'])
     self.assertEqual(out['grappler'], 'off')  # the phases' processes get every flag
+    self.assertEqual(out['config']['coupling_dtype'], 'bfloat16')  # --precision, resolved
     self.assertEqual(out['train'], {'skipped': True})
     peaks = [out[phase]['peak_rss_mb'] for phase in ('eval', 'sample')]
     self.assertGreaterEqual(out['peak_rss_mb'], max(peaks))  # the FLOP count comes after
@@ -135,8 +138,8 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['params'], 75_532)
 
   def test_isolated_phases_report_a_process_that_wrote_nothing(self):
-    # Each phase's process fails its flag check (before TensorFlow is imported): no result at
-    # all is an error naming the flag, not an empty table.
+    # Each phase's process fails its flag check (before any model is built): no result at all
+    # is an error naming the flag, not an empty table.
     with self.assertRaisesRegex(RuntimeError, r'status 2: error: .*--image_size=12'):
       bench.run_isolated(['--preset=tiny', '--image_size=12', ''], ['eval', 'sample'])
 

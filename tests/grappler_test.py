@@ -1,4 +1,4 @@
-"""tf_denseflow.grappler: the setting, and the same numbers with TensorFlow's graph optimizer off."""
+"""tf_denseflow.grappler: the setting, and the same numbers with grappler off."""
 
 import numpy as np
 import tensorflow as tf

@@ -230,7 +230,9 @@ def define_bench_flags() -> None:
   )
 
 
-# What a phase's own process is given (`--isolate_phases`): every flag but the phases and output.
+# What a phase's own process is given (`--isolate_phases`): every flag but the phases, the output
+# and the dtype, which goes as the resolved `--coupling_dtype` (`--precision` given next to a
+# default `--coupling_dtype` on a command line would read as a disagreement).
 _CHILD_FLAGS = (
   'preset',
   'image_size',
@@ -238,8 +240,6 @@ _CHILD_FLAGS = (
   'steps',
   'warmup',
   'jit_compile',
-  'coupling_dtype',
-  'precision',
   'conv_kernels',
   'grappler',
   'timing_lock',
@@ -308,7 +308,8 @@ def main(argv: List[str]) -> None:
   """The `python -m tf_denseflow.bench` entry point (absl).
 
   Bad flags end it with one `error: ...` line on stderr and exit status 2; a failed phase with
-  exit status 1 after the table.
+  exit status 1 after the table; with `--isolate_phases`, no phase's process finishing with one
+  `error: ...` line and exit status 1 (no table).
   """
   from absl import flags
 
@@ -344,7 +345,8 @@ def main(argv: List[str]) -> None:
       flags_lib.fail(f'--json={f.json}: not a writable file path.')
   if f.isolate_phases and len(f.phases) > 1:
     try:
-      result = run_isolated([f[name].serialize() for name in _CHILD_FLAGS], f.phases)
+      args = [f[name].serialize() for name in _CHILD_FLAGS] + [f'--coupling_dtype={dtype}']
+      result = run_isolated(args, f.phases)
     except RuntimeError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(1)

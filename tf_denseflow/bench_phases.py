@@ -3,8 +3,7 @@
 `build_phases` builds a fresh model and the three timed functions (the training loop's own step,
 the ELBO evaluation, sampling; `bench_timing.run_benchmark` times them); `count_flops` counts a
 traced graph's float operations with TF's profiler; `sgemm_gflop_s` calibrates the machine;
-`device_info` describes it; `make_config` is a preset's `DenseFlowConfig`. TensorFlow is
-imported inside the functions, so `bench`'s flag errors come before the slow import.
+`device_info` describes it; `make_config` is a preset's `DenseFlowConfig`.
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ def build_phases(
   `precision.DynamicLossScale` when `config.coupling_dtype` is 'float16', else None),
   `skipped_steps` (int64 variable: training steps whose update was skipped). With
   `with_train=False` no optimizer slots or training step exist (as in an evaluation or
-  sampling process): `train`, `iterator` and `skipped_steps` are None. Also used by
+  sampling process): `train`, `iterator`, `loss_scale` and `skipped_steps` are None. Also used by
   `benchmarks/profile_train_step.py`.
   """
   import tensorflow as tf

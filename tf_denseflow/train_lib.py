@@ -36,7 +36,7 @@ overflow), else skip it and count it (BN running statistics only assigned on upd
 
 Randomness is stateless (`seeds.py`). The step's seed is `fold_in((seed, 1), step)`, and the
 noise of example `j` of a global batch does not depend on the replica count
-(`noise_seeding='global_batch'`, see `trainer.py`). The data stream is a pure function of
+(`noise_seeding='global_batch'`, see `replica_loss.py`). The data stream is a pure function of
 `(dataset, seed, global batch)`, and a resumed run restarts it at the exact batch
 (`make_train_dataset(skip_batches=...)`), so an interrupted and resumed run computes the same
 steps as an uninterrupted one. With `--steps_per_loop=n` the steps are the same; logging,
