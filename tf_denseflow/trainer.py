@@ -125,7 +125,7 @@ class Trainer:
     if config.steps_per_loop > 1:
       self._train_loop = train_step_lib.make_train_loop(self._train_step)
     self._iterator = None
-    self._eval_dataset, self._eval_batches = None, 0
+    self._eval_dataset, self._eval_batches, self._eval_iterator = None, 0, None
     if self.can_evaluate:  # checked before any step: the test split is not empty
       self._eval_dataset, self._eval_batches = _distributed_eval_dataset(
         config, strategy, self.eval_batch
@@ -270,8 +270,10 @@ class Trainer:
     Batch k's noise comes from `seeds.step_seed(seed, k, EVAL_STREAM)`, as in
     `python -m tf_denseflow.evaluate --num_importance_samples=1` with the same batch size.
     """
+    if self._eval_iterator is None:  # one iterator for the run: every evaluation takes a pass
+      self._eval_iterator = iter(self._eval_dataset)
     batches = tf.constant(self._eval_batches, tf.int64)
-    total, count = self._eval_loop(iter(self._eval_dataset), batches)
+    total, count = self._eval_loop(self._eval_iterator, batches)
     return float(total) / max(float(count), 1.0) * self.config.model.bits_per_dim_scale
 
   def _eval_all(self, iterator, num_batches):
@@ -324,8 +326,12 @@ class Trainer:
 def _distributed_eval_dataset(
   config: TrainConfig, strategy: tf.distribute.Strategy, eval_batch: int
 ) -> Tuple[tf.distribute.DistributedDataset, int]:
-  """The test split as `(images, weights)` per replica (`data.make_padded_eval_dataset`), and
-  its number of global batches.
+  """The test split as `(images, weights)` per replica (`data.make_padded_eval_dataset`),
+  repeated, and its number of global batches (one evaluation's pass).
+
+  Repeated so that one iterator serves every evaluation: a fresh iterator per evaluation let
+  each evaluation wait on a wall-clock grid of ~20.5 s (idle: 20.5 s against 12-14 s with one
+  iterator, docs/benchmarks.md 5.1), and never completed the pipeline's cache.
 
   Raises:
     ConfigError: the test split is empty.
@@ -336,6 +342,6 @@ def _distributed_eval_dataset(
   if not count:
     raise ConfigError(f'The test split of {config.data.dataset!r} is empty.')
   dataset = strategy.distribute_datasets_from_function(
-    lambda ctx: data_lib.make_padded_eval_dataset(config.data, count, eval_batch, ctx)
+    lambda ctx: data_lib.make_padded_eval_dataset(config.data, count, eval_batch, ctx).repeat()
   )
   return dataset, -(-count // eval_batch)
