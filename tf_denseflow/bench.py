@@ -62,7 +62,7 @@ from tf_denseflow.bench_phases import (  # noqa: F401 -- re-exported
   make_config,
   sgemm_gflop_s,
 )
-from tf_denseflow.bench_timing import fetch, run_benchmark  # noqa: F401 -- re-exported
+from tf_denseflow.bench_timing import add_gflop_s, fetch, run_benchmark  # noqa: F401 -- re-exported
 from tf_denseflow.checks import INT32_MAX as _INT32_MAX
 from tf_denseflow.checks import INT64_MAX as _INT64_MAX
 from tf_denseflow.config import COUPLING_DTYPES, PRESETS
@@ -291,10 +291,7 @@ def run_isolated(flag_args: List[str], phases: List[str]) -> Dict[str, Any]:
   for key in ('train_skipped_steps', 'loss_scale'):  # the training step's own
     merged[key] = (results.get('train') or {}).get(key)
   merged['gflop_per_image'] = (results.get('eval') or {}).get('gflop_per_image')
-  flops = merged['gflop_per_image'] or {}
-  for phase in PHASES:
-    if 'img_s' in merged[phase] and flops.get(phase):
-      merged[phase]['gflop_s'] = flops[phase] * merged[phase]['img_s']
+  add_gflop_s({p: merged[p] for p in PHASES}, merged['gflop_per_image'])
   merged['peak_rss_mb'] = max(r['peak_rss_mb'] for r in results.values())
   gpu = [r['peak_gpu_mb'] for r in results.values() if r.get('peak_gpu_mb') is not None]
   merged.pop('peak_gpu_mb', None)

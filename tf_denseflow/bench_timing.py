@@ -25,7 +25,14 @@ from tf_denseflow.bench_phases import (
 from tf_denseflow.checks import INT32_MAX as _INT32_MAX
 from tf_denseflow.checks import INT64_MAX as _INT64_MAX
 
-__all__ = ['fetch', 'run_benchmark']
+__all__ = ['add_gflop_s', 'fetch', 'run_benchmark']
+
+
+def add_gflop_s(phases: Dict[str, Dict[str, Any]], flops: Optional[Dict[str, Any]]) -> None:
+  """Sets each timed phase's `gflop_s` (its GFLOP per image x images/s) where both are known."""
+  for name, phase in phases.items():
+    if 'img_s' in phase and (flops or {}).get(name):
+      phase['gflop_s'] = flops[name] * phase['img_s']
 
 
 def fetch(outputs) -> None:
@@ -190,9 +197,7 @@ def run_benchmark(
         'train': 3.0 * forward / batch_size / 1e9,
         'sample': sampling / batch_size / 1e9 if sampling else None,
       }
-      for name, phase in phases.items():
-        if 'img_s' in phase and flops.get(name):
-          phase['gflop_s'] = flops[name] * phase['img_s']
+      add_gflop_s(phases, flops)
 
   optimizer_options = tf.config.optimizer.get_experimental_options()
   result = {
