@@ -23,7 +23,8 @@ mode on the first `--eval_examples` patches of the embedded test split, noise fr
 evaluation stream (the same noise at every evaluation). With `--npz` the script checks that the
 trainer's batches, its ActNorm init images and those test patches are the npz's (and prints
 SHA-256 checksums of the uint8 NHWC bytes, as the official script does). `--adamax_epsilon`
-runs ours with another epsilon (2.13e-5 = the official one in our gradient units).
+runs ours with another epsilon (2.13e-5 = the official one in our gradient units);
+`--precision=bfloat16` runs our conditioner networks in bfloat16 (docs/benchmarks.md 6.7).
 
 Output JSON: `curve` = a list of `{step, test_bpd, train_bpd, seconds}` (train_bpd: mean
 training loss of the steps since the previous point; seconds: wall-clock since
@@ -90,9 +91,12 @@ def train_config(args, train_steps: int):
     train_steps=train_steps,
     finetune_steps=0,
   )
-  model = getattr(DenseFlowConfig, args.preset)((IMAGE_SIZE, IMAGE_SIZE, 3))
+  model = getattr(DenseFlowConfig, args.preset)(
+    (IMAGE_SIZE, IMAGE_SIZE, 3), coupling_dtype=args.precision
+  )
   return TrainConfig(
     model=model,
+    precision=args.precision,
     data=data_config(args.augmentation),
     optim=optim,
     seed=args.seed,
@@ -174,6 +178,7 @@ def run_curve(args) -> dict:
     'lr': args.lr,
     'adamax': 'ResourceApplyAdaMax: u = max(b2*u, |g|), w -= lr/(1-b1^t) * m/(u+eps)',
     'adamax_epsilon': args.adamax_epsilon,
+    'precision': args.precision,
     'loss': 'mean nats per image (official: bits/dim, gradients smaller by D ln 2)',
     'warmup': args.warmup,
     'warmup_rule': 'lr*min(1,(t+1)/warmup), t = 0-based step (step 0 at lr/warmup)',
@@ -453,6 +458,12 @@ def main(argv=None):
     metavar='NPZ',
     help='start from these weights (an official state_dict after its ActNorm init: '
     'official_torch_curve.py --save_init) instead of our own draws and ActNorm init',
+  )
+  p.add_argument(
+    '--precision',
+    default='float32',
+    choices=('float32', 'bfloat16', 'float16'),
+    help="the conditioner networks' compute dtype (train's --precision)",
   )
   p.add_argument('--npz', default=None, help='check the images against this export')
   p.add_argument('--workdir', default=None, help='an empty directory (default: a temporary one)')

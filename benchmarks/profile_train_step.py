@@ -3,6 +3,7 @@
 ```
 python benchmarks/profile_train_step.py --preset=small --batch_size=16 --phase=train --steps=3
 python benchmarks/profile_train_step.py --preset=denseflow_74_10 --batch_size=4 --by=name
+python benchmarks/profile_train_step.py --preset=small --batch_size=16 --precision=bfloat16
 ```
 Builds the phase exactly as `python -m tf_denseflow.bench` does (`bench.build_phases`), warms it
 up, then records `--steps` calls with `tf.profiler.experimental` and sums the executor's op events
@@ -61,6 +62,12 @@ def main(argv=None):
   parser.add_argument('--by', choices=['type', 'name'], default='type')
   parser.add_argument('--top', type=int, default=25)
   parser.add_argument('--use_recompute_grad', action='store_true')
+  parser.add_argument(
+    '--precision',
+    choices=['float32', 'bfloat16', 'float16'],
+    default='float32',
+    help="the coupling networks' compute dtype (bench's --precision)",
+  )
   args = parser.parse_args(argv)
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,7 +77,7 @@ def main(argv=None):
 
   if args.inter_op:
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-  config = bench.make_config(args.preset, args.image_size, 'float32', args.use_recompute_grad)
+  config = bench.make_config(args.preset, args.image_size, args.precision, args.use_recompute_grad)
   parts = bench.build_phases(config, args.batch_size)
   seed_of, batches = parts['seed_of'], parts['batches']
   call = {
@@ -96,7 +103,7 @@ def main(argv=None):
     counts[key] += 1 / args.steps
   total = sum(totals.values())
   print(
-    f'{args.preset} b{args.batch_size} {args.phase}: {wall:.1f} ms per call (profiled), '
+    f'{args.preset} b{args.batch_size} {args.phase} {args.precision}: {wall:.1f} ms per call (profiled), '
     f'op time {total:.1f} ms per call, inter_op={args.inter_op}'
   )
   print(f'{"ops":<90}{"ms/call":>10}{"share":>8}{"count":>8}')

@@ -69,9 +69,11 @@ class DenseFlowConfig:
     dequant_growth: growth of those dense layers (official: 64).
     dequant_context_depth: dense layers in each context-net dense block (official: 4).
     dequant_context_growth: growth of those dense layers (official: 16).
-    coupling_dtype: compute dtype of the coupling networks ('float32', 'bfloat16' or 'float16';
-      the training flag is `--precision`); weights, batch-norm statistics, the attention core and
-      the bijector math (affine maps, log-dets, base log-probabilities) always stay float32.
+    coupling_dtype: compute dtype of the conditioner networks ('float32', 'bfloat16' or
+      'float16'; the training flag is `--precision`): the coupling networks, the cross-unit
+      networks and the variational dequantization's context and coupling networks; weights,
+      batch-norm statistics, the attention core and the bijector math (affine maps, log-dets,
+      base log-probabilities) always stay float32.
       'float16' needs loss scaling to train (`precision.DynamicLossScale`, which the training
       step uses for it).
     use_recompute_grad: recompute coupling-network activations in the backward pass (gradient
@@ -159,8 +161,9 @@ class DenseFlowConfig:
   dequant_context_growth: int = hparam(16, 'Growth of the context-network dense layers.', minimum=1)
   coupling_dtype: str = hparam(
     'float32',
-    'Compute dtype of the coupling networks (float16 trains with dynamic loss scaling); '
-    'weights, batch-norm statistics and the bijector math stay float32.',
+    'Compute dtype of the conditioner networks (coupling, cross-unit and dequantization '
+    'networks; float16 trains with dynamic loss scaling); weights, batch-norm statistics and '
+    'the bijector math stay float32.',
     choices=COUPLING_DTYPES,
   )
   use_recompute_grad: bool = hparam(

@@ -65,6 +65,8 @@ class VariationalDequantization(tf.Module):
   (`inverse_and_log_det`), as the official code applies its transforms' forward maps.
 
   Variables: `loc`, `log_scale` `[4C]`, the 1x1 conv kernels, the coupling and context networks.
+  `compute_dtype` is the context and coupling networks' (`DenseFlowConfig.coupling_dtype`, the
+  training flag `--precision`); their outputs, the affine maps and the log-densities are float32.
   """
 
   def __init__(
@@ -81,6 +83,7 @@ class VariationalDequantization(tf.Module):
     seeds: Optional[Seeds] = None,
     name: str = 'variational_dequantization',
     num_bits: int = 8,
+    compute_dtype: str = 'float32',
   ):
     super().__init__(name=name)
     seeds = seeds or Seeds()
@@ -91,7 +94,13 @@ class VariationalDequantization(tf.Module):
     self._channels = channels
     with self.name_scope:
       self.context_net = ContextNetwork(
-        c, context_channels, context_depth, context_growth, seeds, num_bits=num_bits
+        c,
+        context_channels,
+        context_depth,
+        context_growth,
+        seeds,
+        num_bits=num_bits,
+        compute_dtype=compute_dtype,
       )
       self.loc = tf.Variable(tf.zeros([channels]), name='loc')
       self.log_scale = tf.Variable(tf.zeros([channels]), name='log_scale')
@@ -101,7 +110,13 @@ class VariationalDequantization(tf.Module):
         AffineCoupling(
           channels,
           DequantCouplingNetwork(
-            half + context_channels, 2 * (channels - half), mid_channels, depth, growth, seeds
+            half + context_channels,
+            2 * (channels - half),
+            mid_channels,
+            depth,
+            growth,
+            seeds,
+            compute_dtype=compute_dtype,
           ),
           name=f'dequant_coupling_{k}',
         )
@@ -168,4 +183,5 @@ def make_dequantizer(config, seeds: Optional[Seeds] = None):
     squeeze_order=config.squeeze_order,
     seeds=seeds,
     num_bits=config.num_bits,
+    compute_dtype=config.coupling_dtype,
   )

@@ -99,7 +99,9 @@ class DenseFlowBijector(FlowBijector):
           cond = self.cross_unit_in_channels(b, i)
           couplings.append(
             CrossUnitCoupling(
-              g, CrossUnitNetwork(cond, g, seeds=seeds), name=f'block{b}_cross_unit{i}'
+              g,
+              CrossUnitNetwork(cond, g, compute_dtype=cfg.coupling_dtype, seeds=seeds),
+              name=f'block{b}_cross_unit{i}',
             )
           )
         else:

@@ -1,12 +1,14 @@
 """Mixed precision: `--precision` and the dynamic loss scale that float16 training needs.
 
-`--precision` (`PRECISIONS`) is the compute dtype of the coupling networks, the model's
-`DenseFlowConfig.coupling_dtype`. Whatever it is, the weights, the optimizer, the batch-norm
+`--precision` (`PRECISIONS`) is the compute dtype of the conditioner networks (the coupling
+networks, the cross-unit networks, the variational dequantization's context and coupling
+networks), the model's `DenseFlowConfig.coupling_dtype`. Whatever it is, the weights, the optimizer, the batch-norm
 statistics, the attention core and the bijector math (affine maps, log-dets, base
 log-probabilities) stay float32:
 ```
 float32    everything float32 (default)
-bfloat16   the coupling networks' convolutions and activations in bfloat16; float32's exponent
+bfloat16   the networks' convolutions and activations in bfloat16 (AMX / AVX512-BF16 matmuls on
+           Intel Xeon CPUs that have them, docs/benchmarks.md); float32's exponent
            range, so gradients neither underflow nor overflow and no loss scaling is needed
 float16    the same in float16 (5 exponent bits): small gradients underflow to 0 in the backward
            pass through the networks, so the loss is scaled up before the gradient and the

@@ -135,7 +135,8 @@ class TrainConfig:
   )
   precision: Optional[str] = hparam(
     None,
-    'Compute dtype of the coupling networks: float32, bfloat16, or float16 (trained with '
+    'Compute dtype of the conditioner networks (coupling, cross-unit, dequantization): float32, '
+    'bfloat16, or float16 (trained with '
     'dynamic loss scaling); weights, batch-norm statistics and the bijector math stay float32. '
     "Sets the model's coupling_dtype (default: --coupling_dtype, float32).",
     choices=PRECISIONS,

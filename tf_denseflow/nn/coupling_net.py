@@ -114,17 +114,34 @@ class ContextNetwork(Layer):
   `x` are the model's integer levels `0..2**b - 1` (`b = num_bits`; the official code: b = 8).
   """
 
-  def __init__(self, in_channels, channels, depth, growth, seeds=None, name=None, num_bits=8):
+  def __init__(
+    self,
+    in_channels,
+    channels,
+    depth,
+    growth,
+    seeds=None,
+    name=None,
+    num_bits=8,
+    compute_dtype='float32',
+  ):
     super().__init__(name=name)
+    cd = compute_dtype
     self.max_level = float(2**num_bits - 1)
-    self.dense_in = DenseConvBlock(in_channels, channels, depth, growth, seeds=seeds)
-    self.down = Conv(channels, channels, 2, strides=2, padding='valid', seeds=seeds)
-    self.dense_out = DenseConvBlock(channels, channels, depth, growth, seeds=seeds)
+    self.dense_in = DenseConvBlock(
+      in_channels, channels, depth, growth, compute_dtype=cd, seeds=seeds
+    )
+    self.down = Conv(
+      channels, channels, 2, strides=2, padding='valid', compute_dtype=cd, seeds=seeds
+    )
+    self.dense_out = DenseConvBlock(
+      channels, channels, depth, growth, compute_dtype=cd, seeds=seeds
+    )
     self.built = True
 
   def call(self, images):
     x = 2.0 * tf.cast(images, tf.float32) / self.max_level - 1.0
-    return self.dense_out(self.down(self.dense_in(x)))
+    return tf.cast(self.dense_out(self.down(self.dense_in(x))), tf.float32)
 
 
 class DequantCouplingNetwork(SharedNetwork):
@@ -135,14 +152,25 @@ class DequantCouplingNetwork(SharedNetwork):
 
   uses_training = False
 
-  def __init__(self, in_channels, out_channels, mid_channels, depth, growth, seeds=None, name=None):
+  def __init__(
+    self,
+    in_channels,
+    out_channels,
+    mid_channels,
+    depth,
+    growth,
+    seeds=None,
+    name=None,
+    compute_dtype='float32',
+  ):
     super().__init__(name=name)
-    self.structure = (in_channels, out_channels, mid_channels, depth, growth)
-    self.project = Conv(in_channels, mid_channels, 1, seeds=seeds)
-    self.dense = DenseConvBlock(mid_channels, mid_channels, depth, growth, True, seeds=seeds)
-    self.out = Conv(mid_channels, out_channels, 1, zero_init=True, seeds=seeds)
+    cd = compute_dtype
+    self.structure = (in_channels, out_channels, mid_channels, depth, growth, compute_dtype)
+    self.project = Conv(in_channels, mid_channels, 1, compute_dtype=cd, seeds=seeds)
+    self.dense = DenseConvBlock(mid_channels, mid_channels, depth, growth, True, cd, seeds)
+    self.out = Conv(mid_channels, out_channels, 1, zero_init=True, compute_dtype=cd, seeds=seeds)
     self.built = True
 
   def body(self, x, training=False):
     del training
-    return self.out(self.dense(self.project(x)))
+    return tf.cast(self.out(self.dense(self.project(x))), tf.float32)
