@@ -66,7 +66,7 @@ def main(argv=None):
     '--precision',
     choices=['float32', 'bfloat16', 'float16'],
     default='float32',
-    help="the coupling networks' compute dtype (bench's --precision)",
+    help="the conditioner networks' compute dtype (bench's --precision)",
   )
   args = parser.parse_args(argv)
 

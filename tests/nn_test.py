@@ -330,6 +330,30 @@ class ConditionerNetworkTest(tf.test.TestCase, parameterized.TestCase):
     net = nn.CouplingNetwork(3, 4, 8, 1, 4, num_landmarks=2, compute_dtype='bfloat16')
     self.assertEqual(net(tf.ones([1, 4, 4, 3])).dtype, tf.float32)
 
+  def test_every_conditioner_network_in_bfloat16_returns_float32_and_traces_its_own_body(self):
+    # --precision covers the cross-unit and dequantization networks too. Each returns float32;
+    # its traced body (a shared function keyed by `structure`) is not the float32 twin's.
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, [2, 8, 8, 3]), tf.uint8)
+    cases = [
+      (lambda dt: nn.CrossUnitNetwork(5, 2, compute_dtype=dt), tf.ones([2, 4, 4, 5])),
+      (lambda dt: nn.ContextNetwork(3, 8, 1, 4, compute_dtype=dt), images),
+      (
+        lambda dt: nn.DequantCouplingNetwork(14, 6, 8, 1, 4, compute_dtype=dt),
+        tf.ones([2, 4, 4, 14]),
+      ),
+    ]
+    for make, x in cases:
+      twins = {dt: make(dt) for dt in ('float32', 'bfloat16')}
+      for dt, net in twins.items():
+        self.assertEqual(net(x).dtype, tf.float32, msg=f'{type(net).__name__} {dt}')
+        graph = tf.function(lambda x, net=net: net(x)).get_concrete_function(x).graph
+        nodes = list(graph.as_graph_def().node)
+        for function in graph.as_graph_def().library.function:
+          nodes.extend(function.node_def)
+        dtypes = {n.attr['T'].type for n in nodes if n.op in ('MatMul', 'Conv2D')}
+        want = tf.bfloat16 if dt == 'bfloat16' else tf.float32
+        self.assertEqual(dtypes, {want.as_datatype_enum}, msg=f'{type(net).__name__} {dt}')
+
   def test_cross_unit_network(self):
     net = nn.CrossUnitNetwork(5, 2, seeds=nn.Seeds(1))
     y = net(tf.ones([2, 4, 4, 5]))

@@ -21,10 +21,11 @@ included) and summarised by the median:
 peak RSS when it ended (`peak_rss_mb`), which includes the phases before it; `--isolate_phases`
 runs each phase in a process of its own (model, data and functions built again there), so each
 peak is the phase's own, as the official code's is measured (`benchmarks/official_torch_bench.py
---phases=P`). `--precision` is the coupling
-networks' compute dtype (`--coupling_dtype`, the older name, works too); float16 trains with the
-dynamic loss scale (`precision.DynamicLossScale`). `--conv_kernels` is `tf_denseflow.kernels`'
-switch (the JSON records the setting and the kernels it resolved to). On a GPU each phase also
+--phases=P`). `--precision` is the compute dtype of the conditioner networks (coupling,
+cross-unit and dequantization networks; `--coupling_dtype`, the older name, works too); float16
+trains with the dynamic loss scale (`precision.DynamicLossScale`). `--conv_kernels` is
+`tf_denseflow.kernels`' switch (the JSON records the setting and the kernels it resolved to). On
+a GPU each phase also
 reports its peak GPU memory (`peak_gpu_mb`, from `tf.config.experimental.get_memory_info`, reset
 before the phase). `--timing_lock=FILE`: several bench processes on one machine trace their
 functions at the same time (CPU work; `trace_s`) while only one at a time runs them (an exclusive
@@ -174,14 +175,14 @@ def define_bench_flags() -> None:
   )
   define(flags.DEFINE_bool, 'jit_compile', False, 'XLA-compile the loss/gradient, eval and sample.')
   define(
-    flags.DEFINE_enum, 'coupling_dtype', 'float32', list(COUPLING_DTYPES), 'Coupling-net dtype.'
+    flags.DEFINE_enum, 'coupling_dtype', 'float32', list(COUPLING_DTYPES), 'Conditioner-net dtype.'
   )
   define(
     flags.DEFINE_enum,
     'precision',
     None,
     list(COUPLING_DTYPES),
-    'Coupling-net compute dtype (float16 with dynamic loss scaling); default --coupling_dtype.',
+    'Conditioner-net compute dtype (float16 with dynamic loss scaling); default --coupling_dtype.',
   )
   define(
     flags.DEFINE_enum,

@@ -74,7 +74,8 @@ class TrainConfig:
       the first `init_examples` images of the training stream, in one pass (None: the first
       global batch, `optim.global_batch_size`).
     jit_compile: XLA-compile the per-replica loss-and-gradient function.
-    precision: compute dtype of the coupling networks ('float32', 'bfloat16', 'float16'), always
+    precision: compute dtype of the conditioner networks (coupling, cross-unit, dequantization;
+      'float32', 'bfloat16', 'float16'), always
       equal to `model.coupling_dtype` (None at construction: taken from the model); 'float16'
       trains with a `precision.DynamicLossScale`.
     conv_kernels: 'auto', 'cpu' or 'library' (`tf_denseflow.kernels`).

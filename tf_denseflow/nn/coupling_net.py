@@ -1,8 +1,9 @@
 """The conditioner networks of DenseFlow: coupling network, cross-unit network g_i, and the
 variational dequantization's context and coupling networks.
 
-Every network ends in a zero-initialised conv, so every coupling starts as the identity and every
-cross-unit coupling starts as `eta = noise ~ N(0, I)`.
+Every coupling and cross-unit network ends in a zero-initialised conv, so every coupling starts as
+the identity and every cross-unit coupling starts as `eta = noise ~ N(0, I)` (the context network
+does not, but it feeds only zero-initialised dequantization couplings).
 """
 
 from __future__ import annotations
