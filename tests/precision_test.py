@@ -1,9 +1,10 @@
 """Tests for tf_denseflow.precision and mixed-precision training steps (train_step).
 
-bfloat16 and float16 conditioner networks (coupling, cross-unit, dequantization) train with finite losses on two MirroredStrategy replicas
-(two logical CPUs; one GPU where there is one); float16's dynamic loss scale halves on a forced overflow (the step is skipped,
-nothing changes) and doubles after `growth_steps` applied steps. The bijector math, log-dets and
-batch-norm statistics stay float32.
+bfloat16 and float16 conditioner networks (coupling, cross-unit, dequantization) train with
+finite losses on two MirroredStrategy replicas (two logical CPUs; one GPU where there is one);
+float16's dynamic loss scale halves on a forced overflow (the step is skipped, nothing changes)
+and doubles after `growth_steps` applied steps. The bijector math, log-dets and batch-norm
+statistics stay float32.
 """
 
 import dataclasses
@@ -165,12 +166,7 @@ class MixedPrecisionTrainingTest(tf.test.TestCase, parameterized.TestCase):
     # the precision's dtype; before, the last three stayed float32 (the dequantization alone is
     # 28% of `small`'s FLOPs).
     model = tdf.DenseFlow(_config(dtype), seed=1)
-    convs = [
-      sub
-      for layer in model._keras_layers()
-      for sub in [layer, *layer._flatten_layers(include_self=False)]
-      if isinstance(sub, nn_layers.Conv)
-    ]
+    convs = model._layers_of_type(nn_layers.Conv)
     owners = {type(layer).__name__ for layer in model._keras_layers()}
     self.assertLessEqual(
       {'CouplingNetwork', 'CrossUnitNetwork', 'ContextNetwork', 'DequantCouplingNetwork'}, owners

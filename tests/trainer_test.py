@@ -87,10 +87,6 @@ class InitExamplesTest(train_test._TestCase):
       train_test._config(init_examples=value)
 
 
-if __name__ == '__main__':
-  tf.test.main()
-
-
 class EvaluateTest(train_test._TestCase):
   def test_every_evaluation_is_one_whole_pass_of_one_iterator(self):
     # The eval dataset repeats and one iterator serves every evaluation (a fresh iterator per
@@ -106,3 +102,7 @@ class EvaluateTest(train_test._TestCase):
     self.assertEqual(trainer._eval_batches, 2)
     for _ in range(2):
       self.assertEqual(trainer.evaluate(), first)
+
+
+if __name__ == '__main__':
+  tf.test.main()

@@ -113,15 +113,15 @@ class DenseFlow(tf.Module):
     """Batch-norm running statistics."""
     return _unique(v for layer in self._keras_layers() for v in layer.non_trainable_variables)
 
+  def _layers_of_type(self, cls: type) -> list:
+    """Every Keras layer of the networks (nested ones too) that is a `cls`, deterministic order."""
+    nested = (layer._flatten_layers(include_self=True) for layer in self._keras_layers())
+    return _unique(sub for layers in nested for sub in layers if isinstance(sub, cls))
+
   @property
   def batch_norm_layers(self) -> list:
     """Every `nn.BatchNorm` layer of the networks, in a deterministic order."""
-    return _unique(
-      sub
-      for layer in self._keras_layers()
-      for sub in [layer, *layer._flatten_layers(include_self=False)]
-      if isinstance(sub, BatchNorm)
-    )
+    return self._layers_of_type(BatchNorm)
 
   def num_parameters(self) -> int:
     """Number of trainable parameters."""
