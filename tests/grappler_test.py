@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tf_denseflow import grappler
+from tf_denseflow import grappler, kernels
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.model import DenseFlow
 
@@ -25,11 +25,56 @@ class GrapplerTest(tf.test.TestCase):
     self.assertTrue(_meta_optimizer_disabled())
     self.assertTrue(grappler.set_grappler('on'))
     self.assertFalse(_meta_optimizer_disabled())
+    self.assertTrue(grappler.set_grappler('auto'))  # TF's default; the step is wrapped
+    self.assertFalse(_meta_optimizer_disabled())
     grappler.set_grappler('off')
-    for bad in ('auto', 'true', None, 1):
+    for bad in ('sometimes', 'true', None, 1):
       with self.assertRaisesRegex(ValueError, '`grappler` must be one of'):
         grappler.set_grappler(bad)
     self.assertTrue(_meta_optimizer_disabled())  # a refused setting changes nothing
+
+  def test_training_step_goes_without_grappler_only_on_the_cpu_kernels_without_xla(self):
+    for setting, want in (('on', True), ('off', False)):
+      for kind in ('cpu', 'library'):
+        with kernels.conv_kernels(kind):
+          self.assertEqual(grappler.training_step_grappler(setting), want)
+          self.assertEqual(grappler.training_step_grappler(setting, jit_compile=True), want)
+    with kernels.conv_kernels('cpu'):
+      self.assertFalse(grappler.training_step_grappler('auto'))
+      self.assertTrue(grappler.training_step_grappler('auto', jit_compile=True))
+    with kernels.conv_kernels('library'):
+      self.assertTrue(grappler.training_step_grappler('auto'))
+    with self.assertRaisesRegex(ValueError, '`grappler` must be one of'):
+      grappler.training_step_grappler('sometimes')
+
+  def test_calls_with_sets_the_option_for_the_call_only(self):
+    seen = []
+
+    def fn(x):
+      seen.append(_meta_optimizer_disabled())
+      if x is None:
+        raise RuntimeError('boom')
+      return x + 1
+
+    grappler.set_grappler('on')
+    wrapped = grappler.calls_with(fn, False)
+    self.assertFalse(wrapped.grappler)
+    self.assertEqual(wrapped(1), 2)
+    self.assertFalse(_meta_optimizer_disabled())  # restored after the call
+    with self.assertRaisesRegex(RuntimeError, 'boom'):
+      wrapped(None)
+    self.assertFalse(_meta_optimizer_disabled())  # and after an error
+    self.assertEqual(seen, [True, True])
+    grappler.set_grappler('off')
+    self.assertEqual(grappler.calls_with(fn, True)(1), 2)
+    self.assertEqual(seen[-1], False)
+    self.assertTrue(_meta_optimizer_disabled())
+    self.assertIs(grappler.calls_with(fn, None), fn)
+    traced = tf.function(lambda x: x * 2.0, autograph=False)
+    wrapped = grappler.calls_with(traced, False)
+    self.assertIs(wrapped.python_function, traced.python_function)
+    # One function called both ways (TF instantiates it once per setting): the same values.
+    self.assertAllEqual(wrapped(tf.constant([1.5])), traced(tf.constant([1.5])))
 
   def test_the_same_elbo_and_gradient_without_grappler(self):
     # Grappler only rewrites graphs (fusions, folding, pruning): off, a function computes the

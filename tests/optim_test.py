@@ -65,30 +65,57 @@ def _graph_op_counts(concrete_function):
   return counts
 
 
-def _run(optimizer_cls, strategy, steps=4, learning_rate=1e-2, dtypes=None):
+def _run(
+  optimizer_cls, strategy, steps=4, learning_rate=1e-2, dtypes=None, conditions=None, masked=False
+):
+  """Adamax steps on three variables; with `conditions`, only the steps whose condition is True.
+
+  `masked`: every step through `apply_if(condition, ...)`, the skipped steps' gradients poisoned
+  with NaN and Inf entries; otherwise `apply`, and a skipped step is not run at all.
+  """
   rng = np.random.default_rng(0)
   shapes = [(3, 4), (5,), (2, 2, 3)]
   dtypes = dtypes or [np.float32] * len(shapes)
   inits = [rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)]
   grads = [[rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)] for _ in range(steps)]
+  conditions = conditions or [True] * steps
   with strategy.scope():
     variables = [keras.Variable(x, dtype=x.dtype.name) for x in inits]
     optimizer = optimizer_cls(learning_rate=learning_rate, epsilon=1e-7)
     optimizer.build(variables)
 
   @tf.function
-  def step(g):
-    def replica_fn(g):
+  def step(g, condition):
+    def replica_fn(g, condition):
       # Each replica holds the (already summed) gradient; Adamax applies it as given.
-      optimizer.apply(g, variables)
+      if masked:
+        optimizer.apply_if(condition, g, variables)
+      else:
+        optimizer.apply(g, variables)
 
-    strategy.run(replica_fn, args=(g,))
+    strategy.run(replica_fn, args=(g, condition))
 
-  for g in grads:
-    step([tf.constant(x) for x in g])
+  for g, condition in zip(grads, conditions):
+    if not condition:
+      if not masked:
+        continue
+      g = [x.copy() for x in g]
+      g[0].flat[0], g[1].flat[1], g[2].flat[2] = np.nan, np.inf, -np.inf
+    step([tf.constant(x) for x in g], tf.constant(condition))
   slots = [v.numpy() for v in optimizer._m] + [v.numpy() for v in optimizer._u]
-  op_types = set(_graph_op_counts(step.get_concrete_function([tf.constant(x) for x in grads[0]])))
+  op_types = set(
+    _graph_op_counts(
+      step.get_concrete_function([tf.constant(x) for x in grads[0]], tf.constant(True))
+    )
+  )
   return [v.numpy() for v in variables], slots, int(optimizer.iterations.numpy()), op_types
+
+
+def _mixed_run(optimizer_cls, strategy, **kwargs):
+  """`_run` with float32 and float64 variables and a schedule's learning rate."""
+  schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.75)
+  dtypes = [np.float32, np.float64, np.float32]
+  return _run(optimizer_cls, _strategy(strategy), learning_rate=schedule, dtypes=dtypes, **kwargs)
 
 
 def _update_op_counts(num_variables, strategy):
@@ -134,21 +161,57 @@ class AdamaxTest(tf.test.TestCase, parameterized.TestCase):
   def test_shared_scalars_equal_the_per_variable_update_bit_for_bit(self, strategy):
     # Scalars made once per device and dtype (here float32 and float64 variables and a
     # schedule's learning rate) give exactly the values of every variable computing its own.
-    dtypes = [np.float32, np.float64, np.float32]
-    schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=1, decay_rate=0.75)
-    want, want_slots, want_iterations, _ = _run(
-      _PerVariableAdamax, _strategy(strategy), steps=5, learning_rate=schedule, dtypes=dtypes
-    )
+    want, want_slots, want_iterations, _ = _mixed_run(_PerVariableAdamax, strategy, steps=5)
     for cls in (Adamax, _KerasLoopAdamax):  # shared scalars; today's update_step per variable
-      got, got_slots, got_iterations, got_ops = _run(
-        cls, _strategy(strategy), steps=5, learning_rate=schedule, dtypes=dtypes
-      )
+      got, got_slots, got_iterations, got_ops = _mixed_run(cls, strategy, steps=5)
       self.assertEqual(got_iterations, want_iterations)
       self.assertEqual(got_iterations, 5)
       self.assertIn('ResourceApplyAdaMax', got_ops)
       for a, b in zip(got + got_slots, want + want_slots, strict=True):
         self.assertEqual(a.dtype, b.dtype)
         self.assertAllEqual(a, b)  # bit for bit, not close
+
+  @parameterized.named_parameters(
+    ('default_strategy', 'default'),
+    ('one_mirrored_replica', 'mirrored_1'),
+    ('two_mirrored_replicas', 'mirrored_2'),
+  )
+  def test_apply_if_is_apply_or_changes_nothing_bit_for_bit(self, strategy):
+    # The training step's update without a tf.cond: apply_if(True) is apply, and
+    # apply_if(False) with NaN and Inf in the gradients leaves every weight, slot and the
+    # iteration count (so the next bias correction) exactly as they were. float32 and float64
+    # variables (each dtype has its own scalars), a schedule's learning rate.
+    conditions = [True, False, False, True, False, True]
+    runs = [
+      _mixed_run(Adamax, strategy, steps=6, conditions=conditions, masked=masked)
+      for masked in (False, True)
+    ]
+    (want, want_slots, want_iterations, _), (got, got_slots, got_iterations, got_ops) = runs
+    self.assertEqual((got_iterations, want_iterations), (3, 3))
+    self.assertIn('MulNoNan', got_ops)
+    self.assertNotIn('If', got_ops)
+    self.assertNotIn('StatelessIf', got_ops)
+    for a, b in zip(got + got_slots, want + want_slots, strict=True):
+      self.assertEqual(a.dtype, b.dtype)
+      self.assertAllEqual(a, b)  # bit for bit
+
+  @parameterized.named_parameters(
+    ('clipnorm', {'clipnorm': 1.0}, '`clipnorm`'),
+    ('global_clipnorm', {'global_clipnorm': 1.0}, '`global_clipnorm`'),
+    ('ema', {'use_ema': True}, 'use_ema'),
+    ('accumulation', {'gradient_accumulation_steps': 2}, 'accumulation'),
+  )
+  def test_apply_if_refuses_what_it_does_not_do(self, kwargs, message):
+    variables = [keras.Variable(np.ones([2], np.float32))]
+    optimizer = Adamax(learning_rate=0.1, **kwargs)
+    optimizer.build(variables)
+    with self.assertRaisesRegex(ValueError, message):
+      optimizer.apply_if(tf.constant(True), [tf.ones([2])], variables)
+
+  def test_apply_if_needs_a_built_optimizer(self):
+    variables = [keras.Variable(np.ones([2], np.float32))]
+    with self.assertRaisesRegex(ValueError, 'needs a built optimizer'):
+      Adamax(learning_rate=0.1).apply_if(tf.constant(True), [tf.ones([2])], variables)
 
   @parameterized.named_parameters(
     ('default_strategy', 'default'),

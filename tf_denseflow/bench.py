@@ -94,7 +94,8 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
     f'{result["params"]:,} params, jit_compile={result["jit_compile"]}, '
     f'coupling_dtype={cfg["coupling_dtype"]}, recompute_grad={cfg.get("use_recompute_grad", False)}'
     f', conv_kernels={result.get("conv_kernels_resolved", "cpu")}'
-    f', grappler={result.get("grappler", "on")}',
+    f', grappler={result.get("grappler", "on")}'
+    f' (train: {result.get("grappler_train", result.get("grappler", "on"))})',
     f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}'
     f'{"peak RSS MB":>13}',
   ]
@@ -209,9 +210,10 @@ def define_bench_flags() -> None:
   define(
     flags.DEFINE_enum,
     'grappler',
-    'on',
+    'auto',
     list(GRAPPLER),
-    "TensorFlow's graph optimizer for the timed functions: on or off (tf_denseflow.grappler).",
+    "TensorFlow's graph optimizer for the timed functions: auto (off for the training step on "
+    'the CPU kernels without XLA, as `train` runs it), on or off (tf_denseflow.grappler).',
   )
   define(flags.DEFINE_bool, 'count_flops', True, 'Count FLOPs with the TF profiler.')
   define(
@@ -363,6 +365,7 @@ def main(argv: List[str]) -> None:
       f.seed,
       phases=f.phases,
       timing_lock=f.timing_lock,
+      grappler_setting=f.grappler,
     )
   result['preset'] = f.preset
   if f.preset in OFFICIAL_GMAC_32 and f.image_size == 32:

@@ -111,6 +111,7 @@ def run_benchmark(
   seed: int = 0,
   phases: Sequence[str] = PHASES,
   timing_lock: Optional[str] = None,
+  grappler_setting: Optional[str] = None,
 ) -> Dict[str, Any]:
   """Times the training step, ELBO evaluation and sampling of a fresh model of `config`.
 
@@ -125,6 +126,9 @@ def run_benchmark(
     seed: data and weight-initialisation seed.
     phases: the phases to time, a subset of `PHASES`; the others hold `{'skipped': True}`.
     timing_lock: a file to `flock` around each phase's calls after the first (module docstring).
+    grappler_setting: `--grappler` ('auto', 'on' or 'off'), for the training step as the
+      trainer calls it (`grappler.training_step_grappler`); None: the process's setting for
+      every phase (`grappler.set_grappler` sets it for the others).
 
   Returns:
     The JSON-ready result (`tf_denseflow.bench`'s docstring); a phase that fails holds `error`.
@@ -132,14 +136,15 @@ def run_benchmark(
     process's peak RSS when the phase ended: it includes the phases before it; one phase per
     process for a phase's own, as `bench --isolate_phases` does), and on a GPU `peak_gpu_mb`;
     `conv_kernels` (the setting) and `conv_kernels_resolved` ('cpu'/'library'); `grappler`
-    ('on'/'off', `tf_denseflow.grappler`).
+    ('on'/'off' for the eval and sample functions, `tf_denseflow.grappler`) and
+    `grappler_train` (the same for the training step).
 
   Raises:
     ValueError, TypeError: a bad argument (the message names it).
   """
   import tensorflow as tf
 
-  from tf_denseflow import checks, kernels
+  from tf_denseflow import checks, grappler, kernels
 
   batch_size = checks.check_int('batch_size', batch_size, 1, _INT32_MAX)
   steps = checks.check_int('steps', steps, 1, _INT32_MAX)
@@ -153,6 +158,13 @@ def run_benchmark(
   parts = build_phases(config, batch_size, jit_compile, seed, with_train='train' in phases)
   model, batches = parts['model'], parts['batches']
   train_step, eval_fn, sample_fn = parts['train'], parts['eval'], parts['sample']
+  process_grappler = not tf.config.optimizer.get_experimental_options().get(
+    'disable_meta_optimizer', False
+  )
+  train_grappler = process_grappler
+  if grappler_setting is not None and train_step is not None:
+    train_grappler = grappler.training_step_grappler(grappler_setting, jit_compile)
+    train_step = grappler.calls_with(train_step, train_grappler)
   iterator, seed_of = parts['iterator'], parts['seed_of']
   build_s, init_s = parts['build_s'], parts['init_s']
 
@@ -199,7 +211,6 @@ def run_benchmark(
       }
       add_gflop_s(phases, flops)
 
-  optimizer_options = tf.config.optimizer.get_experimental_options()
   result = {
     'train': phases['train'],
     'eval': phases['eval'],
@@ -216,7 +227,8 @@ def run_benchmark(
     'conv_kernels': kernels.get_conv_kernels(),
     'conv_kernels_resolved': kernels.resolve(),
     # Whether the functions ran through grappler (`tf_denseflow.grappler`; TF's default: on).
-    'grappler': 'off' if optimizer_options.get('disable_meta_optimizer') else 'on',
+    'grappler': 'on' if process_grappler else 'off',
+    'grappler_train': 'on' if train_grappler else 'off',
     # Skipped training steps (float16 overflows while the loss scale settles) time no update.
     'train_skipped_steps': (
       None if parts['skipped_steps'] is None else int(parts['skipped_steps'].numpy())

@@ -161,6 +161,47 @@ class Adamax(keras.optimizers.Adamax):
       **scalars,
     )
 
+  def apply_if(self, condition: tf.Tensor, grads, trainable_variables) -> None:
+    """`apply(grads, trainable_variables)` if `condition` (a bool scalar tensor), else nothing.
+
+    Without a `tf.cond`: every variable's kernel runs either way. When `condition` is False its
+    gradient is zero (`multiply_no_nan`, so NaN and Inf entries too) and its scalars are
+    `beta1_power = 0, lr = 0, beta1 = beta2 = 1`, for which `ResourceApplyAdaMax` leaves the
+    variable and its slots as they are (`m + (0 - m) * 0 = m`, `max(1 * u, 0) = u`,
+    `w - 0 / 1 * m / (u + eps) = w` for the finite `w`, `m` and `u >= 0` that the guard keeps;
+    only a -0.0 entry may come back as +0.0, the same value), and `iterations` is not
+    incremented. When True it is exactly `apply`: the gradient times 1 and the same scalars.
+    Why: in the training step a `tf.cond` around the update captures three handles and a
+    gradient per variable and cond_v2 gives its other branch a dummy input for each (~25% of
+    `small`'s tracing time, ~10 graph nodes per variable; docs/benchmarks.md section 5.4).
+
+    Args:
+      condition: bool scalar; under a distribution strategy the same on every replica.
+      grads: the gradients, one per variable (reduced over replicas already, as `apply`).
+      trainable_variables: the variables, which the optimizer was built with.
+
+    Raises:
+      ValueError: the optimizer is not built, or it clips gradients, keeps an EMA, accumulates
+        gradients or scales the loss (Keras's `apply` features this update does not have).
+    """
+    for option in ('clipnorm', 'clipvalue', 'global_clipnorm', 'loss_scale_factor'):
+      if getattr(self, option, None) is not None:
+        raise ValueError(f'`Adamax.apply_if` does not support `{option}`.')
+    if self.use_ema or self.gradient_accumulation_steps:
+      raise ValueError('`Adamax.apply_if` supports neither `use_ema` nor gradient accumulation.')
+    if not self.built:
+      raise ValueError('`Adamax.apply_if` needs a built optimizer (`optimizer.build(variables)`).')
+    variables = [_resource(v) for v in trainable_variables]
+    with keras.name_scope(self.name, caller=self):
+      tf.__internal__.distribute.interim.maybe_merge_call(
+        self._distributed_tf_update_step,
+        self._distribution_strategy,
+        list(zip(grads, variables)),
+        self.learning_rate,
+        condition,
+      )
+    self._iterations.assign_add(tf.cast(condition, self._iterations.dtype))
+
   def update_step(self, gradient, variable, learning_rate):
     """Applies one Adamax step to `variable` with `ResourceApplyAdaMax` and its own scalars.
 
@@ -169,23 +210,39 @@ class Adamax(keras.optimizers.Adamax):
     """
     self._apply_kernel(gradient, variable, self.kernel_scalars(variable.dtype, learning_rate))
 
-  def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+  def _distributed_tf_update_step(
+    self, distribution, grads_and_vars, learning_rate, condition=None
+  ):
     """Keras's per-variable `distribution.extended.update` loop, with shared kernel scalars.
 
     The scalars are made in the first update on each device (MirroredStrategy runs the update
     function under each replica's device; `learning_rate` is that replica's) for each dtype,
-    and reused by every later variable there: one set per step, device and dtype.
+    and reused by every later variable there: one set per step, device and dtype. With a
+    `condition` (`apply_if`) they are the update's or the no-op's, and each gradient is
+    multiplied by it.
     """
-    scalars = {}
+    scalars, keep = {}, {}
 
-    def update(variable, gradient, learning_rate):
+    def update(variable, gradient, learning_rate, *condition):
       key = (variable.device, variable.dtype)
       if key not in scalars:
         scalars[key] = self.kernel_scalars(variable.dtype, learning_rate)
+        if condition:
+          apply, dtype = condition[0], variable.dtype
+          keep[key] = tf.cast(apply, dtype)
+          neutral = {'beta1_power': 0.0, 'lr': 0.0, 'beta1': 1.0, 'beta2': 1.0}
+          for name, value in neutral.items():
+            scalars[key][name] = tf.where(apply, scalars[key][name], tf.constant(value, dtype))
+      if condition:
+        # 0 where the step is skipped, even for NaN or Inf entries; g * 1 = g otherwise.
+        gradient = tf.math.multiply_no_nan(tf.cast(gradient, variable.dtype), keep[key])
       self._apply_kernel(gradient, variable, scalars[key])
 
+    extra = () if condition is None else (condition,)
     for gradient, variable in grads_and_vars:
-      distribution.extended.update(variable, update, args=(gradient, learning_rate), group=False)
+      distribution.extended.update(
+        variable, update, args=(gradient, learning_rate) + extra, group=False
+      )
 
 
 # -------------------------------------------------------------------------------------------------

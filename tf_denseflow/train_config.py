@@ -79,8 +79,9 @@ class TrainConfig:
       equal to `model.coupling_dtype` (None at construction: taken from the model); 'float16'
       trains with a `precision.DynamicLossScale`.
     conv_kernels: 'auto', 'cpu' or 'library' (`tf_denseflow.kernels`).
-    grappler: 'on' or 'off': TensorFlow's graph optimizer for the run's functions
-      (`tf_denseflow.grappler`; 'off' starts faster and takes more memory).
+    grappler: 'auto', 'on' or 'off': TensorFlow's graph optimizer for the run's functions
+      (`tf_denseflow.grappler`; 'auto' leaves it out of the training step on the 'cpu'
+      kernels without XLA, 'off' out of every function: quicker starts, more memory).
     steps_per_loop: training steps per `tf.function` call (orbit's inner loop): one host sync
       per `steps_per_loop` steps, so an accelerator is not idled by the host every step.
       Logging, evaluation, checkpoint and sample intervals are rounded to whole loops.
@@ -149,10 +150,11 @@ class TrainConfig:
     choices=CONV_KERNELS,
   )
   grappler: str = hparam(
-    'on',
-    "TensorFlow's graph optimizer (grappler) for the functions the program runs: on (TF's "
-    'default) or off (measured on CPUs: the same step time, a quicker first call, more memory '
-    'in evaluation and sampling; tf_denseflow.grappler).',
+    'auto',
+    "TensorFlow's graph optimizer (grappler) for the functions the program runs: auto (off "
+    'for the training step on the CPU kernels without XLA, where it buys nothing and takes '
+    "half its first call; on elsewhere), on (TF's default everywhere) or off (everywhere: "
+    'a quicker first evaluation and sampling call, more memory; tf_denseflow.grappler).',
     choices=GRAPPLER,
   )
   steps_per_loop: int = hparam(

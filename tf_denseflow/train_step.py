@@ -8,6 +8,8 @@ per replica (optionally XLA-compiled; nothing in it assigns or synchronises):
   bn    = running statistics after this batch         # recorded, not assigned
 all_reduce: SUM(loss, grads), MEAN(bn)                # skipped with one replica (the identity)
 cross-replica, only if the step is safe:  optimizer.apply(grads); assign bn
+  (optim.Adamax: `apply_if(safe, grads)`, an update that is an exact no-op when not safe,
+   and bn <- where(safe, new, old): no tf.cond over every variable; other optimizers: tf.cond)
 safe = finite loss, finite gradient norm, finite batch-norm statistics, and an update that
        cannot overflow (`optimizer.update_is_safe()`, checked before the in-place kernel)
 ```
@@ -129,7 +131,9 @@ def make_train_step(
     strategy: the distribution strategy (variables created in its scope).
     model: the flow.
     optimizer: applies summed gradients as given (no second all-reduce); its
-      `update_is_safe()` (`optim.Adamax`), if it has one, guards the update itself.
+      `update_is_safe()` (`optim.Adamax`), if it has one, guards the update itself, and its
+      `apply_if(condition, grads, variables)`, if it has one, replaces the `tf.cond` around
+      the update.
     variables: the trainable variables.
     noise_fn: `noise_fn(images, seed, replica_id) -> noise` (any nest of tensors): the random
       inputs of the replica's loss, drawn outside the XLA cluster (XLA's stateless generators
@@ -166,9 +170,23 @@ def make_train_step(
     # XLA on the per-replica math only (ecosystem.md 5.1); the update stays outside.
     loss_and_grads = xla.jit(loss_and_grads)
 
+  masked_update = callable(getattr(optimizer, 'apply_if', None))
+
   def apply_if_finite(distribution, grads, bn_values, finite):
-    # A cond whose branch synchronises (the optimizer's merge_call) must run in cross-replica
-    # context (as keras LossScaleOptimizer does); `finite` is the same on every replica.
+    # In cross-replica context (the optimizer synchronises; as keras LossScaleOptimizer does);
+    # `finite` is the same on every replica.
+    if masked_update:
+      # optim.Adamax: the update runs either way and is an exact no-op when skipped; no
+      # tf.cond over every variable (`Adamax.apply_if`; ~25% of the step's tracing time).
+      distribution.extended.call_for_each_replica(
+        lambda g, f: optimizer.apply_if(f, g, variables), args=(grads, finite)
+      )
+      for var, value in zip(bn_variables, bn_values):
+        distribution.extended.update(
+          var, lambda v, x, f: v.assign(tf.where(f, x, v)), args=(value, finite), group=False
+        )
+      return
+
     def apply():
       distribution.extended.call_for_each_replica(
         lambda g: optimizer.apply(g, variables), args=(grads,)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tf_denseflow import cluster, precision, seeds
+from tf_denseflow import cluster, grappler, precision, seeds
 from tf_denseflow import data as data_lib
 from tf_denseflow import train_step as train_step_lib
 from tf_denseflow import workdir as workdir_lib
@@ -124,6 +124,12 @@ class Trainer:
     self._train_loop = None
     if config.steps_per_loop > 1:
       self._train_loop = train_step_lib.make_train_loop(self._train_step)
+    # Called (so instantiated) with or without grappler as `--grappler` says for the training
+    # step (tf_denseflow.grappler: 'auto' goes without it on the 'cpu' kernels).
+    enabled = grappler.training_step_grappler(config.grappler, config.jit_compile)
+    self._train_step = grappler.calls_with(self._train_step, enabled)
+    if self._train_loop is not None:
+      self._train_loop = grappler.calls_with(self._train_loop, enabled)
     self._iterator = None
     self._eval_dataset, self._eval_batches, self._eval_iterator = None, 0, None
     if self.can_evaluate:  # checked before any step: the test split is not empty
