@@ -7,7 +7,12 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from tf_denseflow import nn
-from tf_denseflow.nn.attention import iterative_pinv, nystrom_attention
+from tf_denseflow.nn.attention import (
+  batch_matmul,
+  iterative_pinv,
+  nystrom_attention,
+  softmax_over_rows,
+)
 
 
 def _softmax_matrices(m, diagonal, seed, batch=16):
@@ -72,6 +77,48 @@ class IterativePinvTest(tf.test.TestCase, parameterized.TestCase):
   def test_matches_the_numpy_formula(self):
     k = _softmax_matrices(4, diagonal=1.0, seed=3)
     self.assertAllClose(iterative_pinv(k), _numpy_iterative_pinv(k.numpy()), rtol=1e-10)
+
+
+def _pinv_with_scaled_eye(k, num_iterations=6):
+  """`iterative_pinv` as it was before session 10: `c * tf.eye(m)` made by a Mul in the graph."""
+  abs_k = tf.abs(k)
+  col = tf.reduce_max(tf.reduce_sum(abs_k, axis=-2), axis=-1)
+  row = tf.reduce_max(tf.reduce_sum(abs_k, axis=-1), axis=-1)
+  v = tf.linalg.matrix_transpose(k) / (col * row)[..., None, None]
+  eye = tf.eye(k.shape[-1], dtype=k.dtype)
+  for _ in range(num_iterations):
+    kv = batch_matmul(k, v)
+    v = 0.25 * batch_matmul(
+      v, 13.0 * eye - batch_matmul(kv, 15.0 * eye - batch_matmul(kv, 7.0 * eye - kv))
+    )
+  return v
+
+
+class FewerOpsSameBitsTest(tf.test.TestCase):
+  """The attention's rewrites for smaller graphs (session 10) compute the same bits."""
+
+  def test_softmax_over_rows_is_softmax_over_axis_minus_2_with_its_gradient(self):
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=[4, 9, 5]) * 3.0, tf.float32)
+    w = tf.constant(rng.normal(size=[4, 9, 5]), tf.float32)
+
+    @tf.function(autograph=False)
+    def both(x):
+      with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, tfs = softmax_over_rows(x), tf.nn.softmax(x, axis=-2)
+        loss_ours, loss_tf = tf.reduce_sum(ours * w), tf.reduce_sum(tfs * w)
+      return ours, tfs, tape.gradient(loss_ours, x), tape.gradient(loss_tf, x)
+
+    for fn in (both, both.python_function):  # traced and eager
+      ours, tfs, grad_ours, grad_tf = fn(x)
+      self.assertAllEqual(ours, tfs)
+      self.assertAllEqual(grad_ours, grad_tf)
+
+  def test_iterative_pinv_with_constant_scaled_eyes_is_the_same(self):
+    k = tf.cast(_softmax_matrices(4, diagonal=1.0, seed=5), tf.float32)
+    for fn in (tf.function(iterative_pinv), iterative_pinv):
+      self.assertAllEqual(fn(k), _pinv_with_scaled_eye(k))
 
 
 class NystromAttentionTest(tf.test.TestCase, parameterized.TestCase):

@@ -8,11 +8,18 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_denseflow.nn.layers import Conv, Layer, Seeds
 
-__all__ = ['NystromAttention', 'batch_matmul', 'iterative_pinv', 'nystrom_attention']
+__all__ = [
+  'NystromAttention',
+  'batch_matmul',
+  'iterative_pinv',
+  'nystrom_attention',
+  'softmax_over_rows',
+]
 
 
 def batch_matmul(a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
@@ -43,13 +50,24 @@ def iterative_pinv(k: tf.Tensor, num_iterations: int = 6) -> tf.Tensor:
   col = tf.reduce_max(tf.reduce_sum(abs_k, axis=-2), axis=-1)
   row = tf.reduce_max(tf.reduce_sum(abs_k, axis=-1), axis=-1)
   v = tf.linalg.matrix_transpose(k) / (col * row)[..., None, None]
-  eye = tf.eye(k.shape[-1], dtype=k.dtype)
+  # c * I as constants (the same float32 values as `c * tf.eye`, without a Mul per use: the
+  # traced graphs, their gradients included, are what a first call costs).
+  eye = np.eye(k.shape[-1], dtype=k.dtype.as_numpy_dtype)
+  eye_7, eye_13, eye_15 = (tf.constant(c * eye) for c in (7.0, 13.0, 15.0))
   for _ in range(num_iterations):
     kv = batch_matmul(k, v)
-    v = 0.25 * batch_matmul(
-      v, 13.0 * eye - batch_matmul(kv, 15.0 * eye - batch_matmul(kv, 7.0 * eye - kv))
-    )
+    v = 0.25 * batch_matmul(v, eye_13 - batch_matmul(kv, eye_15 - batch_matmul(kv, eye_7 - kv)))
   return v
+
+
+def softmax_over_rows(x: tf.Tensor) -> tf.Tensor:
+  """`tf.nn.softmax(x, axis=-2)` of a rank-3 `x`, the same kernels and values.
+
+  TF computes a softmax over a non-last axis by swapping it with the last one, with the
+  permutation built by ops at run time (`Range`, `Pack`, `ConcatV2`, ...: ~10 ops per softmax,
+  and more in its gradient); the static permutation here is two `Transpose`s.
+  """
+  return tf.transpose(tf.nn.softmax(tf.transpose(x, [0, 2, 1])), [0, 2, 1])
 
 
 def nystrom_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_landmarks: int) -> tf.Tensor:
@@ -68,9 +86,9 @@ def nystrom_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_landmarks: i
   scale = 1.0 / math.sqrt(length)
   qm = tf.reduce_mean(tf.reshape(q, [-1, m, length // m, embed]), axis=2) * scale
   km = tf.reduce_mean(tf.reshape(k, [-1, m, length // m, embed]), axis=2) * scale
-  a1 = tf.nn.softmax(batch_matmul(q, km, transpose_b=True), axis=-2)
-  a2 = tf.nn.softmax(batch_matmul(qm, km, transpose_b=True), axis=-2)
-  a3 = tf.nn.softmax(batch_matmul(qm, k, transpose_b=True), axis=-2)
+  a1 = softmax_over_rows(batch_matmul(q, km, transpose_b=True))
+  a2 = softmax_over_rows(batch_matmul(qm, km, transpose_b=True))
+  a3 = softmax_over_rows(batch_matmul(qm, k, transpose_b=True))
   return batch_matmul(batch_matmul(a1, iterative_pinv(a2)), batch_matmul(a3, v)) + v
 
 
