@@ -1,8 +1,9 @@
-"""Steady-state A/B of a trace-time switch in one process: shared functions, or concatenations.
+"""Steady-state A/B of a switch in one process: shared functions, concatenations or grappler.
 
 ```
 python benchmarks/shared_functions_ab.py --preset=small --batch_size=16 --reps=16
 python benchmarks/shared_functions_ab.py --switch=concatenations --reps=16
+python benchmarks/shared_functions_ab.py --switch=grappler --reps=16
 ```
 Builds one model and traces the training step's loss and gradients, the ELBO and sampling twice,
 with the switch on and off, then times the two variants' calls alternately (the order flips
@@ -10,12 +11,15 @@ every repetition), so a machine shared with other jobs slows both alike. Prints 
 median time and the median and range of the per-pair ratio off/on (above 1: the switch makes it
 faster). `--switch=shared_functions`: `nn.shared_function` (shared vs inlined networks);
 `--switch=concatenations`: `nn.recompute.ENABLED` (the dense blocks rebuild their
-concatenations in the backward pass, or keep them). Results: docs/benchmarks.md section 4.
+concatenations in the backward pass, or keep them); `--switch=grappler`: the same traced
+functions called (so instantiated) with and without grappler (`grappler.calls_with`). Results:
+docs/benchmarks.md sections 4 and 5.4.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,7 +32,9 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--reps', type=int, default=16)
   parser.add_argument(
-    '--switch', choices=('shared_functions', 'concatenations'), default='shared_functions'
+    '--switch',
+    choices=('shared_functions', 'concatenations', 'grappler'),
+    default='shared_functions',
   )
   args = parser.parse_args(argv)
 
@@ -36,14 +42,16 @@ def main(argv=None):
   import numpy as np
   import tensorflow as tf
 
-  from tf_denseflow import bench, train_step
+  from tf_denseflow import bench, grappler, train_step
   from tf_denseflow.model import DenseFlow
   from tf_denseflow.nn import recompute, shared_function
 
   if args.switch == 'shared_functions':
     on, off, switch = 'shared', 'inlined', shared_function.sharing
-  else:
+  elif args.switch == 'concatenations':
     on, off, switch = 'rebuilt', 'kept', recompute.rebuilding
+  else:  # one trace, called both ways
+    on, off, switch = 'grappler', 'without', lambda enabled: contextlib.nullcontext()
 
   batch = args.batch_size
   config = bench.make_config(args.preset, args.image_size, 'float32', False)
@@ -60,14 +68,18 @@ def main(argv=None):
 
     return train_step.replica_loss_and_grads(model, variables, nll, batch)
 
-  calls = {}
+  calls, traced = {}, None
   for mode in (on, off):
     with switch(mode == on):
-      train = tf.function(loss_and_grads, autograph=False)
-      elbo = tf.function(lambda x: model.elbo(x, tf.constant([0, 3], tf.int64)), autograph=False)
-      sample = tf.function(
-        lambda: model.sample(batch, tf.constant([0, 5], tf.int64)), autograph=False
-      )
+      if traced is None or args.switch != 'grappler':
+        traced = (
+          tf.function(loss_and_grads, autograph=False),
+          tf.function(lambda x: model.elbo(x, tf.constant([0, 3], tf.int64)), autograph=False),
+          tf.function(lambda: model.sample(batch, tf.constant([0, 5], tf.int64)), autograph=False),
+        )
+      train, elbo, sample = traced
+      if args.switch == 'grappler':
+        train, elbo, sample = (grappler.calls_with(f, mode == on) for f in traced)
       calls[mode] = {
         'train': lambda f=train: f(images),
         'eval': lambda f=elbo: f(images),

@@ -5,10 +5,10 @@ arithmetic rewrites, op fusions), once per function. The programs (`train`, `eva
 `sample`, `bench`) take `--grappler`, one of `GRAPPLER`:
 - 'auto' (default): off for the training step where it buys nothing, on for everything else.
   Measured on CPUs with the 'cpu' convolution kernels (docs/benchmarks.md sections 5.3, 5.4):
-  without grappler the training step runs as fast and in as much memory, and its first call
-  (grappler's passes over the ~20k-node step) takes about half as long; evaluation and
-  sampling graphs run unpruned and unfused without it and take 30-200 MB more, so they keep
-  it. So the training step goes without grappler when the networks use the 'cpu' kernels and
+  without grappler the training step runs as fast, its first call (grappler's passes over the
+  ~20k-node step) is a quarter to a third shorter at `small` and far shorter at
+  DenseFlow-74-10, for 30-65 MB more peak memory at `small`; evaluation and sampling graphs
+  run unpruned and unfused without it and take 30-200 MB more, so they keep it. So the training step goes without grappler when the networks use the 'cpu' kernels and
   no XLA (`training_step_grappler`); on a GPU (cuDNN kernels, where the layout optimizer and
   fusions are expected to matter) or under `--jit_compile` it keeps TensorFlow's default.
 - 'on': TensorFlow's default, for every function.

@@ -153,8 +153,9 @@ class TrainConfig:
     'auto',
     "TensorFlow's graph optimizer (grappler) for the functions the program runs: auto (off "
     'for the training step on the CPU kernels without XLA, where it buys nothing and takes '
-    "half its first call; on elsewhere), on (TF's default everywhere) or off (everywhere: "
-    'a quicker first evaluation and sampling call, more memory; tf_denseflow.grappler).',
+    "a quarter to a third of its first call; on elsewhere), on (TF's default everywhere) or "
+    'off (everywhere: a quicker first evaluation and sampling call, more memory; '
+    'tf_denseflow.grappler).',
     choices=GRAPPLER,
   )
   steps_per_loop: int = hparam(
