@@ -136,8 +136,9 @@ def graph_stats(concrete_function):
 
   Also the main graph's op types (`main_top_ops`), the biggest library functions with theirs
   (`largest_functions`: name, nodes, top op types) and the functions that apply the update
-  (`update_functions`: name, nodes, `ResourceApply*` kernels; in the training step the update's
-  `tf.cond` branch, `cond_true_*`, one kernel per variable).
+  (`update_functions`: name, nodes, `ResourceApply*` kernels; before session 10 the training
+  step's update was a `tf.cond` branch, `cond_true_*`; since, the kernels are in the main graph
+  and this list is empty for `optim.Adamax`).
   """
   from tensorflow.python.framework import tensor_util
 

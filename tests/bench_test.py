@@ -66,8 +66,10 @@ class BenchTest(tf.test.TestCase):
     self.assertEqual(out['preset'], 'tiny')
     # --grappler=auto: TensorFlow's default for eval and sample, the training step without it
     # on the CPU kernels, as `train` calls it.
-    self.assertEqual((out['grappler'], out['grappler_train']), ('on', 'off'))
-    self.assertIn('grappler=on (train: off)', result.stdout)
+    self.assertEqual(
+      (out['grappler'], out['grappler_train'], out['grappler_train_networks']), ('on', 'off', 'on')
+    )
+    self.assertIn('grappler=on (train step: off, its networks: on)', result.stdout)
     self.assertGreater(out['peak_rss_mb'], 0.0)
     self.assertGreater(out['sgemm_gflop_s'], 0.0)
     self.assertIn('2048^3 fp32 matmul', result.stdout)

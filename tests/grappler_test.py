@@ -2,8 +2,10 @@
 
 import numpy as np
 import tensorflow as tf
+import train_test
 
-from tf_denseflow import grappler, kernels
+from tf_denseflow import grappler, kernels, train_lib
+from tf_denseflow import trainer as trainer_lib
 from tf_denseflow.config import DenseFlowConfig
 from tf_denseflow.model import DenseFlow
 
@@ -34,16 +36,16 @@ class GrapplerTest(tf.test.TestCase):
     self.assertTrue(_meta_optimizer_disabled())  # a refused setting changes nothing
 
   def test_training_step_goes_without_grappler_only_on_the_cpu_kernels_without_xla(self):
-    for setting, want in (('on', True), ('off', False)):
+    for setting, want in (('on', (True, True)), ('off', (False, False))):
       for kind in ('cpu', 'library'):
         with kernels.conv_kernels(kind):
           self.assertEqual(grappler.training_step_grappler(setting), want)
           self.assertEqual(grappler.training_step_grappler(setting, jit_compile=True), want)
-    with kernels.conv_kernels('cpu'):
-      self.assertFalse(grappler.training_step_grappler('auto'))
-      self.assertTrue(grappler.training_step_grappler('auto', jit_compile=True))
+    with kernels.conv_kernels('cpu'):  # no GPU in the tests
+      self.assertEqual(grappler.training_step_grappler('auto'), (False, True))
+      self.assertEqual(grappler.training_step_grappler('auto', jit_compile=True), (True, True))
     with kernels.conv_kernels('library'):
-      self.assertTrue(grappler.training_step_grappler('auto'))
+      self.assertEqual(grappler.training_step_grappler('auto'), (True, True))
     with self.assertRaisesRegex(ValueError, '`grappler` must be one of'):
       grappler.training_step_grappler('sometimes')
 
@@ -75,6 +77,44 @@ class GrapplerTest(tf.test.TestCase):
     self.assertIs(wrapped.python_function, traced.python_function)
     # One function called both ways (TF instantiates it once per setting): the same values.
     self.assertAllEqual(wrapped(tf.constant([1.5])), traced(tf.constant([1.5])))
+
+  def test_calls_with_traces_under_the_networks_setting_and_calls_under_its_own(self):
+    # A non-inlined function the step calls takes the setting in force when the step is traced
+    # (its call op records it); the step's own graph the one in force when it is called.
+    seen = []
+
+    class _Fn:
+      python_function = None
+
+      def get_concrete_function(self, *args):
+        seen.append(('trace', _meta_optimizer_disabled()))
+
+      def __call__(self, *args):
+        seen.append(('call', _meta_optimizer_disabled()))
+        return 1
+
+    grappler.set_grappler('on')
+    wrapped = grappler.calls_with(_Fn(), False, networks=True)
+    self.assertEqual((wrapped.grappler, wrapped.networks_grappler), (False, True))
+    self.assertEqual(wrapped(), 1)
+    wrapped.get_concrete_function()
+    self.assertEqual(seen, [('trace', False), ('call', True), ('trace', False)])
+    self.assertFalse(_meta_optimizer_disabled())
+    self.assertFalse(grappler.calls_with(_Fn(), False).networks_grappler)  # default: enabled
+
+  def test_trainer_calls_its_step_as_the_setting_says(self):
+    strategy = train_lib.make_strategy(num_cpu_devices=1)
+    for setting, kind, want in (
+      ('auto', 'cpu', (False, True)),
+      ('auto', 'library', (True, True)),
+      ('on', 'cpu', (True, True)),
+      ('off', 'cpu', (False, False)),
+    ):
+      with kernels.conv_kernels(kind):
+        config = train_test._config(grappler=setting)
+        trainer = trainer_lib.Trainer(config, strategy, self.get_temp_dir(), lambda step: 1e-3)
+        step = trainer._train_step
+        self.assertEqual((step.grappler, step.networks_grappler), want, (setting, kind))
 
   def test_the_same_elbo_and_gradient_without_grappler(self):
     # Grappler only rewrites graphs (fusions, folding, pruning): off, a function computes the

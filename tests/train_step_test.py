@@ -115,6 +115,7 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
       'ops added by 8 more variables',
     )
     self.assertLessEqual(placeholders, 3 * 8)
+    self.assertFalse({'If', 'StatelessIf'} & set(large), 'no tf.cond around the update')
 
   def test_one_replica_step_equals_the_per_variable_reference_bit_for_bit(self):
     # The step without the one-replica all-reduce and with shared kernel scalars gives exactly

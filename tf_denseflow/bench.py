@@ -95,7 +95,8 @@ def format_table(result: Dict[str, Any], name: str = '') -> str:
     f'coupling_dtype={cfg["coupling_dtype"]}, recompute_grad={cfg.get("use_recompute_grad", False)}'
     f', conv_kernels={result.get("conv_kernels_resolved", "cpu")}'
     f', grappler={result.get("grappler", "on")}'
-    f' (train: {result.get("grappler_train", result.get("grappler", "on"))})',
+    f' (train step: {result.get("grappler_train", result.get("grappler", "on"))}, its networks: '
+    f'{result.get("grappler_train_networks", result.get("grappler", "on"))})',
     f'{"phase":<8}{"step_s":>10}{"img/s":>10}{"GFLOP/img":>11}{"GFLOP/s":>10}{"1st call s":>12}'
     f'{"peak RSS MB":>13}',
   ]

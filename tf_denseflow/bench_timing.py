@@ -137,7 +137,8 @@ def run_benchmark(
     process for a phase's own, as `bench --isolate_phases` does), and on a GPU `peak_gpu_mb`;
     `conv_kernels` (the setting) and `conv_kernels_resolved` ('cpu'/'library'); `grappler`
     ('on'/'off' for the eval and sample functions, `tf_denseflow.grappler`) and
-    `grappler_train` (the same for the training step).
+    `grappler_train` and `grappler_train_networks` (the same for the training step's own graph
+    and for the network functions it calls).
 
   Raises:
     ValueError, TypeError: a bad argument (the message names it).
@@ -161,10 +162,12 @@ def run_benchmark(
   process_grappler = not tf.config.optimizer.get_experimental_options().get(
     'disable_meta_optimizer', False
   )
-  train_grappler = process_grappler
+  train_grappler = networks_grappler = process_grappler
   if grappler_setting is not None and train_step is not None:
-    train_grappler = grappler.training_step_grappler(grappler_setting, jit_compile)
-    train_step = grappler.calls_with(train_step, train_grappler)
+    train_grappler, networks_grappler = grappler.training_step_grappler(
+      grappler_setting, jit_compile
+    )
+    train_step = grappler.calls_with(train_step, train_grappler, networks_grappler)
   iterator, seed_of = parts['iterator'], parts['seed_of']
   build_s, init_s = parts['build_s'], parts['init_s']
 
@@ -229,6 +232,7 @@ def run_benchmark(
     # Whether the functions ran through grappler (`tf_denseflow.grappler`; TF's default: on).
     'grappler': 'on' if process_grappler else 'off',
     'grappler_train': 'on' if train_grappler else 'off',
+    'grappler_train_networks': 'on' if networks_grappler else 'off',
     # Skipped training steps (float16 overflows while the loss scale settles) time no update.
     'train_skipped_steps': (
       None if parts['skipped_steps'] is None else int(parts['skipped_steps'].numpy())

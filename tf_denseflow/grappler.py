@@ -3,32 +3,37 @@
 Grappler rewrites every function graph when it is first called (pruning, constant folding,
 arithmetic rewrites, op fusions), once per function. The programs (`train`, `evaluate`,
 `sample`, `bench`) take `--grappler`, one of `GRAPPLER`:
-- 'auto' (default): off for the training step where it buys nothing, on for everything else.
-  Measured on CPUs with the 'cpu' convolution kernels (docs/benchmarks.md sections 5.3, 5.4):
-  without grappler the training step runs as fast, its first call (grappler's passes over the
-  ~20k-node step) is a quarter to a third shorter at `small` and far shorter at
-  DenseFlow-74-10, for 30-65 MB more peak memory at `small`; evaluation and sampling graphs
-  run unpruned and unfused without it and take 30-200 MB more, so they keep it. So the training step goes without grappler when the networks use the 'cpu' kernels and
-  no XLA (`training_step_grappler`); on a GPU (cuDNN kernels, where the layout optimizer and
-  fusions are expected to matter) or under `--jit_compile` it keeps TensorFlow's default.
+- 'auto' (default): off for the training step's own graph where it buys nothing, on for the
+  network functions the step calls and for everything else. Measured on CPUs with the 'cpu'
+  convolution kernels (docs/benchmarks.md section 5.4): grappler on the step's own graph (the
+  bijector math, the update, ~8,500 nodes at `small`) buys no step time and costs a large part
+  of the first call (DenseFlow-74-10: ~57 s against ~96 s), while on the shared network
+  functions its pruning and fusions keep the peak lower (below `on`'s at `small`, within 1% at
+  DenseFlow-74-10); evaluation and sampling graphs without it take 30-200 MB more. The step's
+  own graph keeps grappler on a GPU (cuDNN kernels, where the layout optimizer and fusions are
+  expected to matter), with `--conv_kernels=library` and under `--jit_compile`
+  (`training_step_grappler`).
 - 'on': TensorFlow's default, for every function.
 - 'off': `disable_meta_optimizer`, for every function (the quickest start, more memory).
 
-Process-wide (`tf.config.optimizer.set_experimental_options`) and read when a function is
-*called*: TensorFlow instantiates a function once per configuration it is called with and keeps
-each, so the training step called under `optimizing(False)` every time is instantiated without
-grappler once, and the functions called outside it with grappler once. Importing tf_denseflow
-changes nothing; only the programs call `set_grappler` and wrap their training step.
+Process-wide (`tf.config.optimizer.set_experimental_options`). TensorFlow instantiates a
+function once per configuration and keeps each instance. A function called from Python takes
+the option in force when it is *called*; a function called from inside another one without
+being inlined (the shared network functions, `_noinline`) takes the option that was in force
+when its caller was *traced* (the call op records it). `calls_with(step, enabled, networks)`
+traces under `networks` and calls under `enabled`. Importing tf_denseflow changes nothing;
+only the programs call `set_grappler` and wrap their training step.
 ```
 grappler.set_grappler('auto')                       # every function: TF's default
-train_step = grappler.calls_with(train_step, grappler.training_step_grappler('auto'))
+step_graph, networks = grappler.training_step_grappler('auto')      # (False, True) on a CPU
+train_step = grappler.calls_with(train_step, step_graph, networks)
 ```
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Tuple
 
 import tensorflow as tf
 
@@ -39,6 +44,8 @@ __all__ = ['GRAPPLER', 'calls_with', 'optimizing', 'set_grappler', 'training_ste
 GRAPPLER = ('auto', 'on', 'off')
 
 _OPTION = 'disable_meta_optimizer'
+# 'auto': grappler on the shared network functions the training step calls (section 5.4).
+_AUTO_NETWORKS = True
 
 
 def _check(setting: str) -> str:
@@ -65,18 +72,25 @@ def set_grappler(setting: str) -> bool:
   return enabled
 
 
-def training_step_grappler(setting: str, jit_compile: bool = False) -> bool:
-  """Whether the training step runs through grappler under `setting`.
+def training_step_grappler(setting: str, jit_compile: bool = False) -> Tuple[bool, bool]:
+  """Whether grappler runs on the training step's own graph and on the networks it calls.
 
-  'auto': only where the networks use the library convolution kernels (a GPU) or XLA
-  (`kernels.resolve()` is read now: set the kernels first).
+  'on' and 'off': both. 'auto': the step's own graph without it where the networks use the
+  CPU convolution kernels, no GPU is visible and no XLA; the networks (the shared network
+  functions the step calls) with it.
+
+  Returns:
+    `(step, networks)`, the `enabled` and `networks` arguments of `calls_with`.
 
   Raises:
     ValueError: `setting` is not one of `GRAPPLER`.
   """
   if _check(setting) != 'auto':
-    return setting == 'on'
-  return bool(jit_compile) or kernels.resolve() != 'cpu'
+    return (setting == 'on',) * 2
+  # kernels.resolve() is read now: set the kernels first.
+  gpu = bool(tf.config.list_logical_devices('GPU'))
+  step = bool(jit_compile) or gpu or kernels.resolve() != 'cpu'
+  return step, _AUTO_NETWORKS
 
 
 @contextlib.contextmanager
@@ -98,21 +112,42 @@ def optimizing(enabled: bool) -> Iterator[None]:
     tf.config.optimizer.set_experimental_options({_OPTION: previous})
 
 
-def calls_with(fn: Callable, enabled: bool | None) -> Callable:
-  """`fn` (a `tf.function`) called under `optimizing(enabled)`; `fn` itself for None.
+def calls_with(fn: Callable, enabled: bool | None, networks: bool | None = None) -> Callable:
+  """`fn` (a `tf.function`) traced under `optimizing(networks)`, called under `optimizing(enabled)`.
 
-  The wrapper has `fn`'s other attributes (`python_function`, `get_concrete_function`, ...) and
-  `grappler` (`enabled`).
+  Why two settings: a function that `fn` calls without inlining it (the shared network
+  functions, `nn.shared_function`) is instantiated with the setting that was in force when `fn`
+  was *traced* (its call op records it), `fn`'s own graph with the one in force when `fn` is
+  *called*. Each call traces `fn` first if its inputs need a new trace (`get_concrete_function`
+  under `networks`), then calls it.
+
+  Args:
+    fn: a `tf.function`.
+    enabled: grappler for `fn`'s own graph; None: `fn` itself is returned.
+    networks: grappler for the non-inlined functions `fn` calls (default: `enabled`).
+
+  Returns:
+    A callable with `fn`'s other attributes (`python_function`, ...), `grappler` (`enabled`)
+    and `networks_grappler`.
   """
-  return fn if enabled is None else _CalledWith(fn, bool(enabled))
+  if enabled is None:
+    return fn
+  return _CalledWith(fn, bool(enabled), bool(enabled if networks is None else networks))
 
 
 class _CalledWith:
-  def __init__(self, fn: Callable, enabled: bool):
+  def __init__(self, fn: Callable, enabled: bool, networks: bool):
     self._fn = fn
     self.grappler = enabled
+    self.networks_grappler = networks
+
+  def get_concrete_function(self, *args: Any, **kwargs: Any) -> Any:
+    with optimizing(self.networks_grappler):
+      return self._fn.get_concrete_function(*args, **kwargs)
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    if hasattr(self._fn, 'get_concrete_function'):  # a tf.function: a lookup once traced
+      self.get_concrete_function(*args, **kwargs)
     with optimizing(self.grappler):
       return self._fn(*args, **kwargs)
 

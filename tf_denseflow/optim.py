@@ -58,6 +58,10 @@ _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _GRADIENT_LIMIT = math.sqrt(_FLOAT32_MAX)  # largest entry of a gradient with a finite norm
 
 
+def _name(variable) -> str:
+  return getattr(variable, 'path', None) or variable.name
+
+
 def _resource(variable):
   """The `tf.Variable` behind a Keras variable (or the variable itself)."""
   return variable.value if isinstance(variable, keras.Variable) else variable
@@ -168,11 +172,12 @@ class Adamax(keras.optimizers.Adamax):
     gradient is zero (`multiply_no_nan`, so NaN and Inf entries too) and its scalars are
     `beta1_power = 0, lr = 0, beta1 = beta2 = 1`, for which `ResourceApplyAdaMax` leaves the
     variable and its slots as they are (`m + (0 - m) * 0 = m`, `max(1 * u, 0) = u`,
-    `w - 0 / 1 * m / (u + eps) = w` for the finite `w`, `m` and `u >= 0` that the guard keeps;
-    only a -0.0 entry may come back as +0.0, the same value), and `iterations` is not
-    incremented. When True it is exactly `apply`: the gradient times 1 and the same scalars.
+    `w - 0 / 1 * m / (u + eps) = w` for the finite `w`, `m` and `u >= 0` that the guard keeps,
+    `m / (u + eps)` being finite because `|m| <= C u` or `|m| <= sqrt(float32 max)`, module
+    docstring; only a -0.0 entry may come back as +0.0, the same value), and `iterations` is
+    not incremented. When True it is exactly `apply`: the gradient times 1, the same scalars.
     Why: in the training step a `tf.cond` around the update captures three handles and a
-    gradient per variable and cond_v2 gives its other branch a dummy input for each (~25% of
+    gradient per variable and cond_v2 gives its other branch a dummy input for each (~18% of
     `small`'s tracing time, ~10 graph nodes per variable; docs/benchmarks.md section 5.4).
 
     Args:
@@ -181,8 +186,9 @@ class Adamax(keras.optimizers.Adamax):
       trainable_variables: the variables, which the optimizer was built with.
 
     Raises:
-      ValueError: the optimizer is not built, or it clips gradients, keeps an EMA, accumulates
-        gradients or scales the loss (Keras's `apply` features this update does not have).
+      ValueError: the optimizer is not built; it clips gradients, keeps an EMA, accumulates
+        gradients or scales the loss; a gradient is None; a variable has a constraint or
+        `overwrite_with_gradient` (Keras's `apply` features this update does not have).
     """
     for option in ('clipnorm', 'clipvalue', 'global_clipnorm', 'loss_scale_factor'):
       if getattr(self, option, None) is not None:
@@ -191,6 +197,18 @@ class Adamax(keras.optimizers.Adamax):
       raise ValueError('`Adamax.apply_if` supports neither `use_ema` nor gradient accumulation.')
     if not self.built:
       raise ValueError('`Adamax.apply_if` needs a built optimizer (`optimizer.build(variables)`).')
+    trainable_variables = list(trainable_variables)
+    self._check_variables_are_known(trainable_variables)
+    for gradient, variable in zip(grads, trainable_variables, strict=True):
+      if gradient is None:
+        raise ValueError(f'`Adamax.apply_if`: no gradient for {_name(variable)}.')
+      if getattr(variable, 'constraint', None) is not None or getattr(
+        variable, 'overwrite_with_gradient', False
+      ):
+        raise ValueError(
+          f'`Adamax.apply_if` supports neither constraints nor `overwrite_with_gradient` '
+          f'({_name(variable)}).'
+        )
     variables = [_resource(v) for v in trainable_variables]
     with keras.name_scope(self.name, caller=self):
       tf.__internal__.distribute.interim.maybe_merge_call(

@@ -26,9 +26,9 @@ non-finite guard (`train_step.SKIP_REASONS`) that skips it.
 
 Why not `keras.optimizers.LossScaleOptimizer`: the training step already sums the gradients
 itself, checks them (finite loss, gradient norm, batch-norm statistics, `Adamax.update_is_safe`)
-and applies them inside a MirroredStrategy `merge_call` under one `tf.cond`. The wrapper would make
-a second, silent finiteness decision inside that branch (and its own cross-replica `cond`,
-which cannot nest in our `merge_call`), would hide the skip reason, and would move the Adamax
+and applies them inside a MirroredStrategy `merge_call` (as an update that is a no-op when the
+step is skipped, `Adamax.apply_if`). The wrapper would make a second, silent finiteness
+decision inside it (and its own cross-replica `cond`, which cannot nest in our `merge_call`), would hide the skip reason, and would move the Adamax
 slots under `inner_optimizer` in checkpoints (old checkpoints would no longer load). The scale
 here is a small module of two variables, updated by the step in cross-replica context from the
 step's own verdict, and checkpointed with the trainer (`Trainer.loss_scale`).

@@ -80,8 +80,8 @@ class TrainConfig:
       trains with a `precision.DynamicLossScale`.
     conv_kernels: 'auto', 'cpu' or 'library' (`tf_denseflow.kernels`).
     grappler: 'auto', 'on' or 'off': TensorFlow's graph optimizer for the run's functions
-      (`tf_denseflow.grappler`; 'auto' leaves it out of the training step on the 'cpu'
-      kernels without XLA, 'off' out of every function: quicker starts, more memory).
+      (`tf_denseflow.grappler`; 'auto' leaves it out of the training step's own graph on the
+      'cpu' kernels without XLA, 'off' out of every function: quicker starts, more memory).
     steps_per_loop: training steps per `tf.function` call (orbit's inner loop): one host sync
       per `steps_per_loop` steps, so an accelerator is not idled by the host every step.
       Logging, evaluation, checkpoint and sample intervals are rounded to whole loops.
@@ -152,9 +152,10 @@ class TrainConfig:
   grappler: str = hparam(
     'auto',
     "TensorFlow's graph optimizer (grappler) for the functions the program runs: auto (off "
-    'for the training step on the CPU kernels without XLA, where it buys nothing and takes '
-    "a quarter to a third of its first call; on elsewhere), on (TF's default everywhere) or "
-    'off (everywhere: a quicker first evaluation and sampling call, more memory; '
+    "for the training step's own graph on the CPU kernels without XLA, where it buys no step "
+    "time and costs much of its first call; on for the networks and elsewhere), on (TF's "
+    'default everywhere) or off (everywhere: a quicker first evaluation and sampling call, '
+    'more memory; '
     'tf_denseflow.grappler).',
     choices=GRAPPLER,
   )

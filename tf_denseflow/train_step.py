@@ -177,13 +177,16 @@ def make_train_step(
     # `finite` is the same on every replica.
     if masked_update:
       # optim.Adamax: the update runs either way and is an exact no-op when skipped; no
-      # tf.cond over every variable (`Adamax.apply_if`; ~25% of the step's tracing time).
+      # tf.cond over every variable (`Adamax.apply_if`; the cond's bookkeeping was ~18% of
+      # `small`'s tracing time, docs/benchmarks.md 5.4).
+      # One verdict for every replica and device, the first replica's (as the tf.cond had).
+      verdict = distribution.experimental_local_results(finite)[0]
       distribution.extended.call_for_each_replica(
-        lambda g, f: optimizer.apply_if(f, g, variables), args=(grads, finite)
+        lambda g: optimizer.apply_if(verdict, g, variables), args=(grads,)
       )
       for var, value in zip(bn_variables, bn_values):
         distribution.extended.update(
-          var, lambda v, x, f: v.assign(tf.where(f, x, v)), args=(value, finite), group=False
+          var, lambda v, x: v.assign(tf.where(verdict, x, v)), args=(value,), group=False
         )
       return
 

@@ -126,10 +126,10 @@ class Trainer:
       self._train_loop = train_step_lib.make_train_loop(self._train_step)
     # Called (so instantiated) with or without grappler as `--grappler` says for the training
     # step (tf_denseflow.grappler: 'auto' goes without it on the 'cpu' kernels).
-    enabled = grappler.training_step_grappler(config.grappler, config.jit_compile)
-    self._train_step = grappler.calls_with(self._train_step, enabled)
+    step, networks = grappler.training_step_grappler(config.grappler, config.jit_compile)
+    self._train_step = grappler.calls_with(self._train_step, step, networks)
     if self._train_loop is not None:
-      self._train_loop = grappler.calls_with(self._train_loop, enabled)
+      self._train_loop = grappler.calls_with(self._train_loop, step, networks)
     self._iterator = None
     self._eval_dataset, self._eval_batches, self._eval_iterator = None, 0, None
     if self.can_evaluate:  # checked before any step: the test split is not empty
