@@ -25,6 +25,7 @@ class GrapplerTest(tf.test.TestCase):
   def test_set_grappler_sets_the_process_option(self):
     self.assertFalse(grappler.set_grappler('off'))
     self.assertTrue(_meta_optimizer_disabled())
+    self.assertFalse(grappler.process_enabled())
     self.assertTrue(grappler.set_grappler('on'))
     self.assertFalse(_meta_optimizer_disabled())
     self.assertTrue(grappler.set_grappler('auto'))  # TF's default; the step is wrapped
@@ -99,6 +100,8 @@ class GrapplerTest(tf.test.TestCase):
     self.assertEqual(wrapped(), 1)
     wrapped.get_concrete_function()
     self.assertEqual(seen, [('trace', False), ('call', True), ('trace', False)])
+    wrapped()  # traced already: the call alone, no per-step trace lookup
+    self.assertEqual(seen[3:], [('call', True)])
     self.assertFalse(_meta_optimizer_disabled())
     self.assertFalse(grappler.calls_with(_Fn(), False).networks_grappler)  # default: enabled
 

@@ -159,9 +159,7 @@ def run_benchmark(
   parts = build_phases(config, batch_size, jit_compile, seed, with_train='train' in phases)
   model, batches = parts['model'], parts['batches']
   train_step, eval_fn, sample_fn = parts['train'], parts['eval'], parts['sample']
-  process_grappler = not tf.config.optimizer.get_experimental_options().get(
-    'disable_meta_optimizer', False
-  )
+  process_grappler = grappler.process_enabled()
   train_grappler = networks_grappler = process_grappler
   if grappler_setting is not None and train_step is not None:
     train_grappler, networks_grappler = grappler.training_step_grappler(

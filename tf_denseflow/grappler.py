@@ -39,13 +39,18 @@ import tensorflow as tf
 
 from tf_denseflow import kernels
 
-__all__ = ['GRAPPLER', 'calls_with', 'optimizing', 'set_grappler', 'training_step_grappler']
+__all__ = [
+  'GRAPPLER',
+  'calls_with',
+  'optimizing',
+  'process_enabled',
+  'set_grappler',
+  'training_step_grappler',
+]
 
 GRAPPLER = ('auto', 'on', 'off')
 
 _OPTION = 'disable_meta_optimizer'
-# 'auto': grappler on the shared network functions the training step calls (section 5.4).
-_AUTO_NETWORKS = True
 
 
 def _check(setting: str) -> str:
@@ -90,7 +95,12 @@ def training_step_grappler(setting: str, jit_compile: bool = False) -> Tuple[boo
   # kernels.resolve() is read now: set the kernels first.
   gpu = bool(tf.config.list_logical_devices('GPU'))
   step = bool(jit_compile) or gpu or kernels.resolve() != 'cpu'
-  return step, _AUTO_NETWORKS
+  return step, True  # the networks keep it (docs/benchmarks.md section 5.4)
+
+
+def process_enabled() -> bool:
+  """Whether functions called now (outside `optimizing`) run through grappler."""
+  return not tf.config.optimizer.get_experimental_options().get(_OPTION, False)
 
 
 @contextlib.contextmanager
@@ -100,16 +110,15 @@ def optimizing(enabled: bool) -> Iterator[None]:
   The previous setting afterwards. Thread-safety: the option is process-wide; call the
   functions of other settings from the same thread (the programs do).
   """
-  options = tf.config.optimizer.get_experimental_options()
-  previous = bool(options.get(_OPTION, False))
-  if previous == (not enabled):
+  previous = process_enabled()
+  if previous == enabled:
     yield
     return
   tf.config.optimizer.set_experimental_options({_OPTION: not enabled})
   try:
     yield
   finally:
-    tf.config.optimizer.set_experimental_options({_OPTION: previous})
+    tf.config.optimizer.set_experimental_options({_OPTION: not previous})
 
 
 def calls_with(fn: Callable, enabled: bool | None, networks: bool | None = None) -> Callable:
@@ -118,8 +127,9 @@ def calls_with(fn: Callable, enabled: bool | None, networks: bool | None = None)
   Why two settings: a function that `fn` calls without inlining it (the shared network
   functions, `nn.shared_function`) is instantiated with the setting that was in force when `fn`
   was *traced* (its call op records it), `fn`'s own graph with the one in force when `fn` is
-  *called*. Each call traces `fn` first if its inputs need a new trace (`get_concrete_function`
-  under `networks`), then calls it.
+  *called*. The first call traces `fn` (`get_concrete_function` under `networks`), then calls
+  it; later calls only call it (a later call whose inputs need a new trace traces it under
+  `enabled`: the training step has one input signature).
 
   Args:
     fn: a `tf.function`.
@@ -140,14 +150,16 @@ class _CalledWith:
     self._fn = fn
     self.grappler = enabled
     self.networks_grappler = networks
+    self._traced = False
 
   def get_concrete_function(self, *args: Any, **kwargs: Any) -> Any:
     with optimizing(self.networks_grappler):
       return self._fn.get_concrete_function(*args, **kwargs)
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    if hasattr(self._fn, 'get_concrete_function'):  # a tf.function: a lookup once traced
+    if not self._traced and hasattr(self._fn, 'get_concrete_function'):  # a tf.function
       self.get_concrete_function(*args, **kwargs)
+      self._traced = True
     with optimizing(self.grappler):
       return self._fn(*args, **kwargs)
 
