@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow as tf
 import train_test
+from tensorflow.core.protobuf import config_pb2
 
 from tf_denseflow import grappler, kernels, train_lib
 from tf_denseflow import trainer as trainer_lib
@@ -104,6 +105,23 @@ class GrapplerTest(tf.test.TestCase):
     self.assertEqual(seen[3:], [('call', True)])
     self.assertFalse(_meta_optimizer_disabled())
     self.assertFalse(grappler.calls_with(_Fn(), False).networks_grappler)  # default: enabled
+
+  def test_networks_take_the_option_their_caller_was_traced_under(self):
+    # What `calls_with(step, enabled, networks)` relies on (BUILD.md, private behaviour): the
+    # call op of a non-inlined function records the options in force when its caller is traced
+    # (the `config_proto` TF instantiates it with), whatever is in force when it is called.
+    inner = tf.function(lambda x: tf.nn.relu(x * 2.0), autograph=False)
+    inner = inner.get_concrete_function(tf.TensorSpec([2], tf.float32))
+    for enabled in (True, False):
+      outer = tf.function(lambda x: inner(x) + 1.0, autograph=False)
+      with grappler.optimizing(enabled):
+        graph = outer.get_concrete_function(tf.TensorSpec([2], tf.float32)).graph
+      calls = [op for op in graph.get_operations() if op.type.endswith('PartitionedCall')]
+      self.assertLen(calls, 1)
+      config = config_pb2.ConfigProto.FromString(calls[0].get_attr('config_proto'))
+      self.assertEqual(config.graph_options.rewrite_options.disable_meta_optimizer, not enabled)
+      with grappler.optimizing(not enabled):
+        self.assertAllEqual(outer(tf.constant([-1.0, 2.0])), [1.0, 5.0])
 
   def test_trainer_calls_its_step_as_the_setting_says(self):
     strategy = train_lib.make_strategy(num_cpu_devices=1)

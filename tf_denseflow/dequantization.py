@@ -22,6 +22,7 @@ from tf_denseflow.bijectors.flow_bijector import std_normal_log_prob, sum_event
 from tf_denseflow.bijectors.squeeze import unsqueeze2x2
 from tf_denseflow.nn.coupling_net import ContextNetwork, DequantCouplingNetwork
 from tf_denseflow.nn.layers import Seeds
+from tf_denseflow.shapes import shape_of
 
 __all__ = ['UniformDequantization', 'VariationalDequantization', 'make_dequantizer']
 
@@ -49,7 +50,7 @@ class UniformDequantization(tf.Module):
     del training
     if noise is None:
       noise = self.draw_noise(tf.shape(images), seed)
-    return noise, tf.zeros(tf.shape(images)[:-3])
+    return noise, tf.zeros(shape_of(images)[:-3])
 
 
 class VariationalDequantization(tf.Module):

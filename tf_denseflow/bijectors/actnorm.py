@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_denseflow import shapes
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.checks import check_int
 
@@ -53,7 +54,7 @@ class ActNorm(FlowBijector):
     """Data-dependent init from a `[B, H, W, C]` batch in this bijector's data space."""
     x = tf.cast(x, tf.float32)
     mean = tf.reduce_mean(x, axis=[0, 1, 2])
-    n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+    n = shapes.cast(shapes.num_elements(shapes.shape_of(x)[:-1]), tf.float32)
     var = tf.reduce_sum(tf.square(x - mean), axis=[0, 1, 2]) / tf.maximum(n - 1.0, 1.0)
     self.shift.assign(mean)
     self.log_scale.assign(tf.math.log(tf.sqrt(var) + 1e-6))
@@ -63,8 +64,9 @@ class ActNorm(FlowBijector):
     return tf.cast(self.shift, x.dtype), tf.cast(self.log_scale, x.dtype)
 
   def _log_det(self, x, log_scale):
-    hw = tf.cast(tf.shape(x)[-3] * tf.shape(x)[-2], x.dtype)
-    return hw * tf.reduce_sum(log_scale) * tf.ones(tf.shape(x)[:-3], x.dtype)
+    shape = shapes.shape_of(x)
+    hw = shapes.cast(shape[-3] * shape[-2], x.dtype)
+    return hw * tf.reduce_sum(log_scale) * tf.ones(shape[:-3], x.dtype)
 
   def forward_and_log_det(self, z, **kwargs):
     shift, log_scale = self._params(z)

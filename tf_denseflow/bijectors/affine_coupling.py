@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector, sum_event
 from tf_denseflow.checks import check_int
+from tf_denseflow.shapes import concat_shape, shape_of
 
 __all__ = ['AffineCoupling']
 
@@ -68,7 +69,7 @@ class AffineCoupling(FlowBijector):
 
   def _shift_and_log_scale(self, x1, context: Optional[tf.Tensor], training: bool):
     h = x1
-    batch = tf.shape(x1)[:-3]
+    batch = shape_of(x1)[:-3]
     height, width = x1.shape[-3], x1.shape[-2]
     h = tf.reshape(h, [-1, height, width, self._num_masked])
     if context is not None:
@@ -76,7 +77,7 @@ class AffineCoupling(FlowBijector):
       h = tf.concat([h, tf.cast(context, h.dtype)], axis=-1)
     params = tf.cast(self._run_conditioner(h, training), x1.dtype)
     params = tf.reshape(
-      params, tf.concat([batch, [height, width, self._channels - self._num_masked, 2]], 0)
+      params, concat_shape(batch, [height, width, self._channels - self._num_masked, 2])
     )
     s, shift = tf.unstack(params, 2, axis=-1)  # Unpack: its gradient is one Pack
     return shift, 2.0 * tf.tanh(s / 2.0)

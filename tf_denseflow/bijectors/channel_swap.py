@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.checks import check_int
+from tf_denseflow.shapes import shape_of
 
 __all__ = ['ChannelSwap']
 
@@ -37,9 +38,9 @@ class ChannelSwap(FlowBijector):
   def forward_and_log_det(self, z, **kwargs):
     k = self._channels // 2  # z = [b, a] with b the last floor(C/2) channels of x
     head, tail = tf.split(z, [k, self._channels - k], axis=-1)
-    return tf.concat([tail, head], axis=-1), tf.zeros(tf.shape(z)[:-3], z.dtype)
+    return tf.concat([tail, head], axis=-1), tf.zeros(shape_of(z)[:-3], z.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
     k = (self._channels + 1) // 2
     head, tail = tf.split(x, [k, self._channels - k], axis=-1)
-    return tf.concat([tail, head], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)
+    return tf.concat([tail, head], axis=-1), tf.zeros(shape_of(x)[:-3], x.dtype)

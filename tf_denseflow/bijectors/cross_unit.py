@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector, sum_event
 from tf_denseflow.checks import check_int
+from tf_denseflow.shapes import concat_shape, shape_of
 
 __all__ = ['CrossUnitCoupling']
 
@@ -56,10 +57,10 @@ class CrossUnitCoupling(FlowBijector):
 
   def mu_and_log_sigma(self, h: tf.Tensor):
     """`(mu, log_sigma)`, each `[..., H, W, G]`, from the conditioning latents `h`."""
-    batch = tf.shape(h)[:-3]
+    batch = shape_of(h)[:-3]
     height, width = h.shape[-3], h.shape[-2]
     out = tf.cast(self.network(tf.reshape(h, [-1, height, width, h.shape[-1]])), h.dtype)
-    out = tf.reshape(out, tf.concat([batch, [height, width, 2 * self._growth_rate]], 0))
+    out = tf.reshape(out, concat_shape(batch, [height, width, 2 * self._growth_rate]))
     mu, s = tf.split(out, 2, axis=-1)
     return mu, 2.0 * tf.tanh(s / 2.0)
 

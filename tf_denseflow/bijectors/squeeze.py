@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.config import SQUEEZE_ORDERS
+from tf_denseflow.shapes import concat_shape, shape_of
 
 __all__ = ['Squeeze', 'squeeze2x2', 'unsqueeze2x2']
 
@@ -19,28 +20,26 @@ def squeeze2x2(x: tf.Tensor, order: str = 'channel_major') -> tf.Tensor:
   'channel_major' (official): output channel `c*4 + i*2 + j` holds `x[2h+i, 2w+j, c]`.
   'space_to_depth' (TF): output channel `(i*2 + j)*C + c`.
   """
-  shape = tf.shape(x)
   h, w, c = x.shape[-3], x.shape[-2], x.shape[-1]
-  batch = shape[:-3]
-  y = tf.reshape(x, tf.concat([[-1], [h // 2, 2, w // 2, 2, c]], 0))
+  batch = shape_of(x)[:-3]
+  y = tf.reshape(x, [-1, h // 2, 2, w // 2, 2, c])
   perm = [0, 1, 3, 5, 2, 4] if order == 'channel_major' else [0, 1, 3, 2, 4, 5]
   y = tf.transpose(y, perm)
-  return tf.reshape(y, tf.concat([batch, [h // 2, w // 2, 4 * c]], 0))
+  return tf.reshape(y, concat_shape(batch, [h // 2, w // 2, 4 * c]))
 
 
 def unsqueeze2x2(y: tf.Tensor, order: str = 'channel_major') -> tf.Tensor:
   """Inverse of `squeeze2x2`: `[..., H, W, 4C] -> [..., 2H, 2W, C]`."""
-  shape = tf.shape(y)
   h, w, c4 = y.shape[-3], y.shape[-2], y.shape[-1]
   c = c4 // 4
-  batch = shape[:-3]
+  batch = shape_of(y)[:-3]
   if order == 'channel_major':
     x = tf.reshape(y, [-1, h, w, c, 2, 2])
     x = tf.transpose(x, [0, 1, 4, 2, 5, 3])
   else:
     x = tf.reshape(y, [-1, h, w, 2, 2, c])
     x = tf.transpose(x, [0, 1, 3, 2, 4, 5])
-  return tf.reshape(x, tf.concat([batch, [2 * h, 2 * w, c]], 0))
+  return tf.reshape(x, concat_shape(batch, [2 * h, 2 * w, c]))
 
 
 class Squeeze(FlowBijector):
@@ -72,10 +71,10 @@ class Squeeze(FlowBijector):
     return self._order
 
   def forward_and_log_det(self, z, **kwargs):
-    return unsqueeze2x2(z, self._order), tf.zeros(tf.shape(z)[:-3], z.dtype)
+    return unsqueeze2x2(z, self._order), tf.zeros(shape_of(z)[:-3], z.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
-    return squeeze2x2(x, self._order), tf.zeros(tf.shape(x)[:-3], x.dtype)
+    return squeeze2x2(x, self._order), tf.zeros(shape_of(x)[:-3], x.dtype)
 
   def _forward_event_shape(self, s):
     return tf.TensorShape(

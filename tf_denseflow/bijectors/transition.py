@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.bijectors.squeeze import squeeze2x2, unsqueeze2x2
+from tf_denseflow.shapes import shape_of
 
 __all__ = ['Transition']
 
@@ -45,12 +46,12 @@ class Transition(FlowBijector):
   def forward_and_log_det(self, parts, **kwargs):
     z_keep, z_out = parts
     x = unsqueeze2x2(tf.concat([z_keep, z_out], axis=-1), self._order)
-    return x, tf.zeros(tf.shape(z_keep)[:-3], z_keep.dtype)
+    return x, tf.zeros(shape_of(z_keep)[:-3], z_keep.dtype)
 
   def inverse_and_log_det(self, x, **kwargs):
     z = squeeze2x2(x, self._order)
     half = z.shape[-1] // 2
-    return tf.split(z, [half, z.shape[-1] - half], axis=-1), tf.zeros(tf.shape(x)[:-3], x.dtype)
+    return tf.split(z, [half, z.shape[-1] - half], axis=-1), tf.zeros(shape_of(x)[:-3], x.dtype)
 
   def _forward_dtype(self, dtypes, **kwargs):
     return dtypes[0]
