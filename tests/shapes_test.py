@@ -1,8 +1,9 @@
 """tf_denseflow.shapes: static shapes as lists, and the graphs that use them."""
 
+import numpy as np
 import tensorflow as tf
 
-from tf_denseflow import nn, shapes
+from tf_denseflow import kernels, nn, shapes
 from tf_denseflow.bijectors import Squeeze
 
 
@@ -18,6 +19,8 @@ class ShapesTest(tf.test.TestCase):
     self.assertEqual(shapes.concat_shape(shapes.shape_of(x)[:-1], [5]), [2, 3, 5])
     self.assertEqual(shapes.num_elements([2, 3, 4]), 24)
     self.assertEqual(shapes.cast(6, tf.float32).dtype, tf.float32)
+    for array in (np.zeros([2, 3], np.float32), [[1.0, 2.0]]):  # what tf.shape takes
+      self.assertEqual(shapes.shape_of(array), list(np.shape(array)))
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, 3, 4])])
     def dynamic(x):
@@ -35,6 +38,8 @@ class ShapesTest(tf.test.TestCase):
     # A 1x1 convolution (matmul on the CPU kernels) and a squeeze traced with static shapes
     # reshape by constants: no StridedSlice or ConcatV2 of `tf.shape`; the values are those of a
     # trace with an unknown batch (which still slices `tf.shape`).
+    # The CPU kernels (a 1x1 conv as a matmul; `auto` picks cuDNN's conv2d on a GPU).
+    self.enter_context(kernels.conv_kernels('cpu'))
     conv = nn.Conv(6, 5, 1, activation='relu', seeds=nn.Seeds(0))
     squeeze = Squeeze()
     x = tf.random.stateless_normal([2, 4, 4, 6], seed=[1, 2])

@@ -11,7 +11,7 @@ dimension is unknown (a batch of `None`: TFP pipelines, serving signatures), `tf
 
 from __future__ import annotations
 
-from typing import List, Union
+from typing import Any, List, Union
 
 import tensorflow as tf
 
@@ -20,13 +20,15 @@ __all__ = ['cast', 'concat_shape', 'num_elements', 'shape_of']
 Shape = Union[List[int], tf.Tensor]
 
 
-def shape_of(x: tf.Tensor) -> Shape:
+def shape_of(x: Any) -> Shape:
   """`x`'s shape: a list of ints when fully static, else `tf.shape(x)` (int32 `[rank]`).
 
   Either slices (`shape_of(x)[:-3]`) and feeds `tf.reshape`, `tf.zeros`, `tf.ones` alike.
+  `x`: a tensor, or anything `tf.convert_to_tensor` takes (a NumPy array, a nested list).
   """
-  if x.shape.is_fully_defined():
-    return x.shape.as_list()
+  shape = tf.TensorShape(x.shape) if hasattr(x, 'shape') else tf.convert_to_tensor(x).shape
+  if shape.is_fully_defined():
+    return shape.as_list()
   return tf.shape(x)
 
 

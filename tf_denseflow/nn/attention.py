@@ -49,7 +49,7 @@ def _full_constant(value: np.ndarray, like: tf.Tensor) -> tf.Tensor:
   shape = like.shape
   if shape.is_fully_defined():
     value = np.broadcast_to(value, shape.as_list())
-  return tf.constant(np.ascontiguousarray(value, dtype=like.dtype.as_numpy_dtype))
+  return tf.constant(np.array(value, dtype=like.dtype.as_numpy_dtype))  # a copy; 0-d stays 0-d
 
 
 def iterative_pinv(k: tf.Tensor, num_iterations: int = 6) -> tf.Tensor:

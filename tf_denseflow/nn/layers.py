@@ -218,8 +218,8 @@ class Conv(Layer):
     pieces = list(x) if isinstance(x, (list, tuple)) else [x]
     channels = [p.shape[-1] for p in pieces]
     if None not in channels and sum(channels) != self.in_channels:
-      shapes = ', '.join(str(p.shape) for p in pieces)
-      raise ValueError(f'{self.name}: expected {self.in_channels} input channels, got {shapes}.')
+      got = ', '.join(str(p.shape) for p in pieces)
+      raise ValueError(f'{self.name}: expected {self.in_channels} input channels, got {got}.')
     if len(pieces) == 1 and channels[0] is None:
       channels = [self.in_channels]  # one tensor: the channels it must have
     dtype = tf.as_dtype(self.compute_dtype_name)
