@@ -27,7 +27,11 @@ and a non-inlined call inside its cluster was recompiled on every step) run `bod
 A trace is reused for every later call with the same key, so everything that changes what
 `body` traces must be in the key: the constructor arguments (`structure`), the input's shape and
 dtype, `training`, and the process-wide trace-time switches (`xla.compatible_now()`,
-`kernels.resolve()`, `nn.recompute.gradient_expected()`; add any new one to `_TraceKey`). A
+`kernels.resolve()`, `nn.recompute.gradient_expected()`; add any new one to `_TraceKey`). The
+input's static shape is in `_TraceKey` too: `tf.function` would serve a call with a known batch
+from an earlier trace for an unknown one (a subtype match), whose graph reads its shapes at run
+time (`tf_denseflow.shapes`: ~20% more ops in a coupling network), so which trace a training
+step got would depend on what the process traced before (an export, a TFP pipeline). A
 variable read that is not one of the layer's `weights` would be captured from the first network
 into every one; a trace that captures a variable raises `RuntimeError`.
 """
@@ -55,7 +59,9 @@ FUNCTION_PREFIX = 'shared_network'
 
 _FUNCTIONS: Dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
 # The process-wide trace-time switches a trace depends on (module docstring).
-_TraceKey = collections.namedtuple('_TraceKey', ['xla', 'kernels', 'gradient_expected'])
+_TraceKey = collections.namedtuple(
+  '_TraceKey', ['xla', 'kernels', 'gradient_expected', 'static_shape']
+)
 _LOCK = threading.Lock()
 _STATE = threading.local()
 
@@ -166,7 +172,10 @@ class SharedNetwork(Layer):
       return self.body(x, training=training)
     fn = _function((type(self).__name__,) + tuple(self.structure))
     weights = [tf.convert_to_tensor(w) for w in _weights(self, training)]
-    trace_key = _TraceKey(xla.compatible_now(), kernels.resolve(), recompute.gradient_expected())
+    static_shape = None if x.shape.rank is None else tuple(x.shape.as_list())
+    trace_key = _TraceKey(
+      xla.compatible_now(), kernels.resolve(), recompute.gradient_expected(), static_shape
+    )
     args = (x, weights, training, trace_key)
     traces = fn.experimental_get_tracing_count()
     _STATE.template = self  # the body to trace, if this call traces
