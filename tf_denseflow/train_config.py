@@ -155,8 +155,7 @@ class TrainConfig:
     "for the training step's own graph on the CPU kernels without XLA, where it buys no step "
     "time and costs much of its first call; on for the networks and elsewhere), on (TF's "
     'default everywhere) or off (everywhere: a quicker first evaluation and sampling call, '
-    'more memory; '
-    'tf_denseflow.grappler).',
+    'more memory; tf_denseflow.grappler).',
     choices=GRAPPLER,
   )
   steps_per_loop: int = hparam(

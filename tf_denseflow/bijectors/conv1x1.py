@@ -12,7 +12,6 @@ import tensorflow as tf
 from tf_denseflow import kernels, shapes, xla
 from tf_denseflow.bijectors.flow_bijector import FlowBijector
 from tf_denseflow.checks import check_int
-from tf_denseflow.shapes import concat_shape, shape_of
 
 __all__ = ['InvertibleConv1x1', 'log_abs_det', 'random_orthogonal']
 
@@ -82,14 +81,14 @@ class InvertibleConv1x1(FlowBijector):
     """`x @ matrix^T` on the channel axis (`kernels.resolve()` picks matmul or conv2d)."""
     if kernels.resolve() == 'cpu':
       flat = tf.reshape(x, [-1, self._channels])
-      return tf.reshape(tf.matmul(flat, matrix, transpose_b=True), shape_of(x))
+      return tf.reshape(tf.matmul(flat, matrix, transpose_b=True), shapes.shape_of(x))
     # Any batch shape (`[]`, `[B]`, `[B1, B2]`) as one `[N, H, W, C]` batch for the library op.
-    images = tf.reshape(x, concat_shape([-1], shape_of(x)[-3:]))
+    images = tf.reshape(x, shapes.concat_shape([-1], shapes.shape_of(x)[-3:]))
     kernel = tf.transpose(matrix)[None, None]  # [1, 1, C_in, C_out]
-    return tf.reshape(tf.nn.conv2d(images, kernel, 1, 'VALID'), shape_of(x))
+    return tf.reshape(tf.nn.conv2d(images, kernel, 1, 'VALID'), shapes.shape_of(x))
 
   def _log_det(self, x, kernel):
-    shape = shape_of(x)
+    shape = shapes.shape_of(x)
     hw = shapes.cast(shape[-3] * shape[-2], x.dtype)
     return hw * log_abs_det(kernel) * tf.ones(shape[:-3], x.dtype)
 

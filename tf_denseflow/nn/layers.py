@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from tf_denseflow import kernels, shapes
 from tf_denseflow.nn import recompute
-from tf_denseflow.shapes import concat_shape, shape_of
 
 __all__ = [
   'BatchNorm',
@@ -142,7 +141,7 @@ def conv3x3_same(x: tf.Tensor, kernel: tf.Tensor):
       tf.transpose(tf.reshape(d_kernel, [c_in, 9, c_out]), [1, 0, 2]), kernel.shape
     )
     flipped = tf.reshape(tf.transpose(kernel, [0, 1, 3, 2]), [9 * c_out, c_in])
-    dx = tf.reshape(tf.matmul(taps, flipped), shape_of(x))
+    dx = tf.reshape(tf.matmul(taps, flipped), shapes.shape_of(x))
     return dx, d_kernel
 
   return y, grad
@@ -232,7 +231,9 @@ class Conv(Layer):
       flat = [flat_of(p, c, dtype) for p, c in zip(pieces, channels)]
       kernel = tf.reshape(kernel, [self.in_channels, self.out_channels])
       y = self._bias_and_activation(recompute.matmul_of_concatenation(flat, kernel), bias)
-      return tf.reshape(y, concat_shape(shape_of(pieces[0])[:-1], [self.out_channels]))
+      return tf.reshape(
+        y, shapes.concat_shape(shapes.shape_of(pieces[0])[:-1], [self.out_channels])
+      )
     pieces = [tf.cast(p, dtype) for p in pieces]
     x = pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=-1)
     if (
@@ -377,7 +378,7 @@ class BatchNorm(Layer):
     x32 = tf.cast(x, tf.float32)
     if training:
       mean, variance = tf.nn.moments(x32, axes=[0, 1, 2])
-      count = shapes.cast(shapes.num_elements(shape_of(x32)[:-1]), tf.float32)
+      count = shapes.cast(shapes.num_elements(shapes.shape_of(x32)[:-1]), tf.float32)
       unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
       self.update_statistics(mean, unbiased)
     else:
