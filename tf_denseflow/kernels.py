@@ -5,7 +5,7 @@ Two kernel families compute the same convolutions (equal to float32 rounding):
 kind                          'cpu'                                   'library'
 3x3 'same', stride 1 (nn.Conv) tf.nn.conv2d forward, gradients as two  tf.nn.conv2d and its own
                                matmuls over a tap matrix                gradient kernels (cuDNN)
-                               (`nn.layers.conv3x3_same`)
+                               (`nn.conv3x3.conv3x3_same`)
 1x1, stride 1 (nn.Conv)        matmul on the `[N*H*W, C]` view          tf.nn.conv2d
 InvertibleConv1x1 (bijector)   matmul on the `[N*H*W, C]` view          tf.nn.conv2d
 ```

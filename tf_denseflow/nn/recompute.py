@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Tuple
 
 import tensorflow as tf
 from tensorflow.python.eager import record  # private (BUILD.md): could_possibly_record
+
+from tf_denseflow.nn import gradient_rules
 
 __all__ = [
   'ENABLED',
@@ -94,6 +96,26 @@ class FlatPieces:
     return self._flat[key]
 
 
+def _concat_matmul_forward(b: tf.Tensor, *pieces: tf.Tensor) -> tf.Tensor:
+  return tf.matmul(tf.concat(pieces, axis=1), b)
+
+
+def _concat_matmul_backward(inputs: Tuple[tf.Tensor, ...], dy: tf.Tensor):
+  b, pieces = inputs[0], inputs[1:]
+  sizes = [p.shape[1] if p.shape[1] is not None else tf.shape(p)[1] for p in pieces]
+  # As TF's own MatMul and ConcatV2 gradients: the same kernels with the same attributes.
+  grad_a = tf.raw_ops.MatMul(a=dy, b=b, transpose_b=True, grad_a=True)
+  with tf.control_dependencies([dy]):
+    a = tf.concat(pieces, axis=1)
+  grad_b = tf.raw_ops.MatMul(a=a, b=dy, transpose_a=True, grad_b=True)
+  return (grad_b, *tf.split(grad_a, sizes, axis=1))
+
+
+_CONCAT_MATMUL = gradient_rules.GradientRule(
+  'MatmulOfConcatenation', _concat_matmul_forward, _concat_matmul_backward
+)
+
+
 def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
   """`concat(pieces, axis=1) @ b`, the concatenation not kept for the gradient.
 
@@ -102,31 +124,13 @@ def matmul_of_concatenation(pieces: Sequence[tf.Tensor], b: tf.Tensor) -> tf.Ten
   The gradient rebuilds the concatenation for `b`'s gradient once the upstream gradient exists
   (a control dependency, so the executor cannot build it early and hold it); the pieces are
   kept (they are the custom gradient's inputs). The concatenation is made inside the custom
-  gradient's forward: were it an input, the gradient of a shared network function (whose
-  forward function returns every tensor its backward reads, zeros for unused gradients
-  included) would keep it. The gradients are the MatMul kernel's and ConcatV2's, of the same
-  values, bit for bit. Without `gradient_expected()` it is a plain concat and matmul.
+  gradient's forward (not recorded on a tape): were it an input, the gradient of a shared network
+  function (whose forward function returns every tensor its backward reads, zeros for unused
+  gradients included) would keep it. The gradients are the MatMul kernel's and ConcatV2's, of
+  the same values, bit for bit. The custom gradient is a `nn.gradient_rules.GradientRule` (no
+  traced graph kept alive). Without `gradient_expected()` it is a plain concat and matmul.
   """
   pieces = list(pieces)
   if len(pieces) == 1 or not gradient_expected():
     return tf.matmul(tf.concat(pieces, axis=1) if len(pieces) > 1 else pieces[0], b)
-  sizes = [p.shape[1] if p.shape[1] is not None else tf.shape(p)[1] for p in pieces]
-
-  @tf.custom_gradient
-  def matmul(b, *pieces):
-    # Not recorded inside: in eager mode the tape would otherwise record the inner concat and
-    # matmul as well and keep the concatenation for them (graph mode does this itself).
-    with record.stop_recording():
-      y = tf.matmul(tf.concat(pieces, axis=1), b)
-
-    def grad(dy):
-      # As TF's own MatMul and ConcatV2 gradients: the same kernels with the same attributes.
-      grad_a = tf.raw_ops.MatMul(a=dy, b=b, transpose_b=True, grad_a=True)
-      with tf.control_dependencies([dy]):
-        a = tf.concat(pieces, axis=1)
-      grad_b = tf.raw_ops.MatMul(a=a, b=dy, transpose_a=True, grad_b=True)
-      return (grad_b, *tf.split(grad_a, sizes, axis=1))
-
-    return y, grad
-
-  return matmul(b, *pieces)
+  return _CONCAT_MATMUL(b, *pieces)
