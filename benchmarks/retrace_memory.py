@@ -1,4 +1,4 @@
-"""Memory of a process that traces again: RSS after each round of new evaluation and sampling functions.
+"""Memory of a process that traces again: RSS after rounds of new evaluation and sample functions.
 
 ```
 python benchmarks/retrace_memory.py --preset=small --batch_size=16 --rounds=6
@@ -7,10 +7,10 @@ Each round makes a new `tf.function` for the ELBO and one for sampling (as `eval
 and `sample.sample_grid` do per call), traces and calls each once, drops them and collects
 garbage, then prints the process's RSS (`VmRSS`). A graph that something still refers to after
 its function is dropped shows as RSS growing by about a graph per round: `tf.custom_gradient`
-registered a gradient function per call that kept its graph (BUILD.md, "Known TF bugs"; 2026-11-30,
-`small` b16: +15 MB per round before `nn.gradient_rules`, +2 MB after; docs/benchmarks.md
-section 4). `--drop_step` also traces the training step's loss and gradients once and reports
-whether its graph is freed when the function is dropped.
+registered a gradient function per call that kept its graph (BUILD.md, "Known TF bugs";
+2026-11-30, `small` b16: +16 MB per round before `nn.gradient_rules`, +2 MB after;
+docs/benchmarks.md section 4). `--drop_step` also traces the training step's loss and
+gradients once and reports whether its graph is freed when the function is dropped.
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """Keras 3 networks used by the DenseFlow bijectors (conditioners)."""
 
 from tf_denseflow.nn.attention import NystromAttention
+from tf_denseflow.nn.conv3x3 import conv3x3_same
 from tf_denseflow.nn.coupling_net import (
   ContextNetwork,
   CouplingNetwork,
@@ -15,7 +16,6 @@ from tf_denseflow.nn.layers import (
   Layer,
   Seeds,
   collect_batch_norm_updates,
-  conv3x3_same,
 )
 
 __all__ = [

@@ -18,8 +18,7 @@ import keras
 import tensorflow as tf
 
 from tf_denseflow import kernels, shapes
-from tf_denseflow.nn import recompute
-from tf_denseflow.nn.conv3x3 import conv3x3_same
+from tf_denseflow.nn import conv3x3, recompute
 
 __all__ = [
   'BatchNorm',
@@ -28,7 +27,6 @@ __all__ = [
   'Layer',
   'Seeds',
   'collect_batch_norm_updates',
-  'conv3x3_same',
   'torch_uniform',
   'zeros',
 ]
@@ -183,7 +181,7 @@ class Conv(Layer):
       and x.shape[1] is not None
       and x.shape[2] is not None
     ):
-      y = conv3x3_same(x, kernel)
+      y = conv3x3.conv3x3_same(x, kernel)
     else:
       y = tf.nn.conv2d(x, kernel, strides=self.strides, padding=self.padding)
     y = _empty_batch_safe(x, y, self.out_channels, self.kernel_size, self.strides, self.padding)
