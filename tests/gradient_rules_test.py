@@ -36,6 +36,46 @@ def _reference(x, kernel, b):
   return tf.reduce_sum(tf.sin(z))
 
 
+def _gradient_paths(f):
+  """`{path: args -> gradients of f(*args) w.r.t. args}` over every way a gradient is taken."""
+
+  def taped(*args):
+    with tf.GradientTape() as tape:
+      tape.watch(args)
+      y = f(*args)
+    return tape.gradient(y, args)
+
+  def symbolic(*args):  # no tape: the registered gradient of the IdentityN
+    return tf.gradients(f(*args), args)
+
+  def around_a_function(*args):  # the function's own forward/backward pair
+    with tf.GradientTape() as tape:
+      tape.watch(args)
+      y = tf.function(f, autograph=False)(*args)
+    return tape.gradient(y, args)
+
+  return {
+    'eager tape': taped,
+    'tape in a function': tf.function(taped, autograph=False),
+    'tf.gradients in a function': tf.function(symbolic, autograph=False),
+    'tape around a function': around_a_function,
+    'tape in an XLA function': tf.function(taped, autograph=False, jit_compile=True),
+  }
+
+
+def _trace_and_drop(fn, *args):
+  """Traces `fn` as a `tf.function`, then drops it: (kept while it lived, freed after, op types)."""
+  function = tf.function(fn, autograph=False)
+  graph = function.get_concrete_function(*args).graph
+  op_types = {op.type for op in graph.get_operations()}
+  ref = weakref.ref(graph)
+  del graph
+  kept = ref() is not None  # the function holds it
+  del function
+  gc.collect()
+  return kept, ref() is None, op_types
+
+
 class GradientRuleTest(tf.test.TestCase):
   def setUp(self):
     super().setUp()
@@ -52,64 +92,31 @@ class GradientRuleTest(tf.test.TestCase):
 
   def test_gradients_on_every_path_equal_the_library_ops(self):
     want_loss, want = self._expected()
-
-    def taped(*args):
-      with tf.GradientTape() as tape:
-        tape.watch(args)
-        loss = _conv_and_concat(*args)
-      return loss, tape.gradient(loss, args)
-
-    def symbolic(*args):  # no tape: the registered gradient of the IdentityN
-      loss = _conv_and_concat(*args)
-      return loss, tf.gradients(loss, args)
-
-    for name, fn in (
-      ('eager tape', taped),
-      ('tape in a function', tf.function(taped, autograph=False)),
-      ('tf.gradients in a function', tf.function(symbolic, autograph=False)),
-    ):
+    self.assertAllClose(_conv_and_concat(*self.args), want_loss, rtol=1e-5)
+    for name, fn in _gradient_paths(_conv_and_concat).items():
       with self.subTest(name):
-        loss, grads = fn(*self.args)
-        self.assertAllClose(loss, want_loss, rtol=1e-5)
-        for g, w in zip(grads, want):
+        for g, w in zip(fn(*self.args), want):
           self.assertAllClose(g, w, rtol=1e-4, atol=1e-4)
 
   def test_every_gradient_path_takes_the_rule(self):
     x = tf.constant([0.1, -0.7, 2.0])
     want = 3.0 * np.cos(x.numpy())
 
-    def taped(x):
-      with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = _TRIPLE(x)
-      return tape.gradient(y, x)
-
-    def symbolic(x):
-      return tf.gradients(_TRIPLE(x), x)[0]
-
-    def around_a_function(x):  # the function's own forward/backward pair
-      with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = tf.function(lambda x: _TRIPLE(x) * 1.0, autograph=False)(x)
-      return tape.gradient(y, x)
-
     def forward_mode(x):
       with tf.autodiff.ForwardAccumulator(x, tf.ones_like(x)) as acc:
         y = _TRIPLE(x)
-      return acc.jvp(y)
+      return [acc.jvp(y)]
 
-    paths = {
-      'eager tape': taped,
-      'tape in a function': tf.function(taped, autograph=False),
-      'tf.gradients in a function': tf.function(symbolic, autograph=False),
-      'tape around a function': around_a_function,
-      'tape in an XLA function': tf.function(taped, autograph=False, jit_compile=True),
-      'forward mode': forward_mode,
-      'forward mode in a function': tf.function(forward_mode, autograph=False),
-    }
+    paths = dict(
+      _gradient_paths(lambda x: tf.reduce_sum(_TRIPLE(x))),
+      **{
+        'forward mode': forward_mode,
+        'forward mode in a function': tf.function(forward_mode, autograph=False),
+      },
+    )
     for name, fn in paths.items():
       with self.subTest(name):
-        self.assertAllClose(fn(x), want, rtol=1e-6)
+        self.assertAllClose(fn(x)[0], want, rtol=1e-6)
 
   def test_a_saved_model_with_default_options_keeps_the_rule(self):
     class Module(tf.Module):
@@ -140,16 +147,9 @@ class GradientRuleTest(tf.test.TestCase):
       tf.function(lambda x: tf.gradients(two(x), x), autograph=False)(x)
 
   def test_tracing_keeps_no_graph_alive(self):
-    def traced():
-      fn = tf.function(lambda *args: tf.gradients(_conv_and_concat(*args), args), autograph=False)
-      concrete = fn.get_concrete_function(*self.args)
-      return fn, weakref.ref(concrete.graph)
-
-    fn, graph = traced()
-    self.assertIsNotNone(graph())
-    del fn
-    gc.collect()
-    self.assertIsNone(graph())  # tf.custom_gradient's registry entries kept it alive
+    kept, freed, _ = _trace_and_drop(lambda *a: tf.gradients(_conv_and_concat(*a), a), *self.args)
+    self.assertTrue(kept)
+    self.assertTrue(freed)  # tf.custom_gradient's registry entries kept it alive
 
 
 class TrainingStepGraphTest(tf.test.TestCase):
@@ -169,23 +169,15 @@ class TrainingStepGraphTest(tf.test.TestCase):
     model.initialize(images)
     variables = model.trainable_variables
 
-    def traced():
-      def loss_and_grads(x):
-        return train_step.replica_loss_and_grads(
-          model, variables, lambda: -model.elbo_terms(x, training=True)['total'], 4
-        )
-
-      fn = tf.function(loss_and_grads, autograph=False)
-      concrete = fn.get_concrete_function(tf.constant(images))
-      ops_ = {op.type for op in concrete.graph.get_operations()}
-      return fn, weakref.ref(concrete.graph), ops_
+    def loss_and_grads(x):
+      return train_step.replica_loss_and_grads(
+        model, variables, lambda: -model.elbo_terms(x, training=True)['total'], 4
+      )
 
     with kernels.conv_kernels('cpu'):  # the CPU kernels hold both custom gradients
-      fn, graph, op_types = traced()
+      _, freed, op_types = _trace_and_drop(loss_and_grads, tf.constant(images))
     self.assertIn('IdentityN', op_types)  # a custom gradient in the step's own graph
-    del fn
-    gc.collect()
-    self.assertIsNone(graph())
+    self.assertTrue(freed)
 
 
 if __name__ == '__main__':

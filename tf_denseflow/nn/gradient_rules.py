@@ -94,16 +94,17 @@ class GradientRule:
     inputs = tuple(tf.convert_to_tensor(x) for x in inputs)
     with record.VariableWatcher() as watcher, record.stop_recording():
       y = self._forward(*inputs)
-      if any(y is x for x in inputs):
-        raise ValueError(f'{self.name}: the forward returned one of its inputs.')
-      if not tf.executing_eagerly():
-        name = f'{self.name}-{ops.uid()}'
-        refs = [weakref.ref(x) for x in inputs]
-        tf.RegisterGradient(name)(functools.partial(_registered_gradient, self, refs))
-        with tf.compat.v1.get_default_graph().gradient_override_map({'IdentityN': name}):
-          y = tf.identity_n([y, *inputs])[0]
     if watcher.watched_variables():
       names = ', '.join(v.name for v in watcher.watched_variables())
       raise ValueError(f'{self.name}: the forward read variables ({names}); pass them as inputs.')
+    if any(y is x for x in inputs):
+      raise ValueError(f'{self.name}: the forward returned one of its inputs.')
+    if not tf.executing_eagerly():
+      name = f'{self.name}-{ops.uid()}'
+      refs = [weakref.ref(x) for x in inputs]
+      tf.RegisterGradient(name)(functools.partial(_registered_gradient, self, refs))
+      graph = tf.compat.v1.get_default_graph()
+      with record.stop_recording(), graph.gradient_override_map({'IdentityN': name}):
+        y = tf.identity_n([y, *inputs])[0]
     record.record_operation(self.name, [y], list(inputs), lambda dy: self.gradients(inputs, dy))
     return y
